@@ -1,0 +1,57 @@
+"""The ``clipret`` command line: a thin Typer layer over the core modules.
+
+Each subcommand lives in its own module and imports torch (or anything
+heavy) only inside the command body, so ``clipret --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from clipret import __version__
+from clipret.cli import demo, embed, evaluate, query, train
+
+app = typer.Typer(
+    name="clipret",
+    help=(
+        "Train and serve CLIP-based image retrieval.\n\n"
+        "Typical run:\n\n"
+        "  clipret train ./data --out runs/exp1\n\n"
+        "  clipret embed ./data/test/gallery --model runs/exp1 --out gallery.npy\n\n"
+        "  clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --out results.json\n\n"
+        "  clipret evaluate results.json --labels labels.csv\n\n"
+        "Try it offline in a minute: clipret demo"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipret {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    if debug:
+        os.environ["CLIPRET_DEBUG"] = "1"
+
+
+app.command("train")(train.train_command)
+app.command("embed")(embed.embed_command)
+app.command("query")(query.query_command)
+app.command("evaluate")(evaluate.evaluate_command)
+app.command("demo")(demo.demo_command)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,91 @@
+"""Consoles, progress bars, tables and the one-line error exit.
+
+Messages and progress go to stderr; results (tables, --json) go to stdout, so
+``clipret evaluate ... --json | jq`` works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from clipret.errors import ClipretError
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CLIPRET_DEBUG", "") not in {"", "0"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` on one line of stderr and exit (2 = bad input)."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn :class:`ClipretError` into one line and exit code 2 (``--debug`` keeps the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClipretError as exc:
+            if debug_enabled():
+                raise
+            fail(str(exc))
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def info(message: str) -> None:
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, description: str, *fields: str) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``; extra ``fields`` are shown after the bar."""
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns += [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]
+    progress = Progress(*columns, console=err, transient=False, disable=not err.is_terminal and not os.environ.get("CLIPRET_PROGRESS"))
+    with progress:
+        task = progress.add_task(description, total=total, **{f: "" for f in fields})
+
+        def advance(n: int = 1, total: int | None = None, **values: Any) -> None:
+            if total is not None:
+                progress.update(task, total=total)
+            progress.update(task, advance=n, **{k: v for k, v in values.items() if k in fields})
+
+        yield advance
+
+
+def print_metrics(metrics: dict[str, Any], title: str, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+        return
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)

@@ -1,0 +1,23 @@
+"""Option types shared by several commands (Annotated, so defaults stay in signatures)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[
+    str,
+    typer.Option("--model", "-m", help="open_clip model name (ViT-L-14) or path to an open_clip config JSON."),
+]
+Pretrained = Annotated[
+    Optional[str],
+    typer.Option(help="Weights: a tag (openai, laion2b_s32b_b82k), a local .safetensors/.pt file, or none. Default: the model's usual tag."),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Amp = Annotated[str, typer.Option(help="Mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none.")]
+Workers = Annotated[int, typer.Option(help="Data-loading worker processes.")]
+BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
+Seed = Annotated[int, typer.Option(help="Random seed (python, numpy, torch, sampler).")]
+TopK = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return per query.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]

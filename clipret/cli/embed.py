@@ -1,0 +1,54 @@
+"""``clipret embed DIR``: write (N, D) embeddings and their manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipret.cli import _console
+from clipret.cli._options import Amp, BatchSize, Device, Pretrained, Workers
+
+
+@_console.handle_errors
+def embed_command(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (flat or with class subfolders).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A run folder from `clipret train`, or an open_clip model name/config for zero-shot CLIP.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy; a .json manifest is written beside it.")] = Path("embeddings.npy"),
+    pretrained: Pretrained = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = 4,
+    device: Device = "auto",
+    amp: Amp = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail (exit 2, nothing written) if any image cannot be read.")] = False,
+) -> None:
+    """Embed every image under FOLDER into OUT (.npy, float32, L2-normalised, rows in id order).
+
+    Example:
+
+      clipret embed ./data/test/gallery --model runs/exp1 --out gallery.npy
+
+    Zero-shot baseline (CLIP's own embedding, no head):
+
+      clipret embed ./data/test/gallery --model ViT-B-32 --pretrained openai --out g0.npy
+    """
+    from clipret import artifacts
+    from clipret.inference import embed_folder
+
+    if out.suffix != ".npy":
+        _console.fail(f"--out must end in .npy, got {out}")
+    with _console.progress_bar(None, "embed") as advance:
+        emb = embed_folder(folder, model, pretrained, batch_size=batch_size, workers=workers, device=device,
+                           amp=amp, strict=strict, on_start=lambda n: advance(0, total=n), on_batch=advance)
+    artifacts.save_embeddings(out, emb.vectors, emb.ids, fingerprint=emb.fingerprint, flags=emb.flags, skipped=emb.skipped)
+    _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
+    _report_skipped(emb.skipped)
+
+
+def _report_skipped(skipped: list[dict[str, str]]) -> None:
+    if not skipped:
+        return
+    shown = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
+    more = f" (+{len(skipped) - 5} more, see the manifest)" if len(skipped) > 5 else ""
+    _console.warn(f"skipped {len(skipped)} unreadable image(s): {shown}{more}")

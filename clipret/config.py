@@ -1,0 +1,98 @@
+"""Settings for training, as one dataclass; TOML in, JSON out.
+
+Every ``clipret train`` option can come from a TOML file (``--config
+train.toml``), whose keys are the option names with dashes or underscores;
+flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from clipret.errors import ClipretError
+
+
+@dataclass
+class TrainConfig:
+    root: str = ""
+    out: str = "runs/clipret"
+    # model
+    model: str = "ViT-L-14"
+    pretrained: str | None = None  # None: the model's usual tag
+    pool: str = "gem"
+    gem_input: str = "softplus"
+    embed_dim: int = 512
+    dropout: float = 0.1
+    image_size: int | None = None
+    # loss, miner, sampler
+    circle_m: float = 0.4
+    circle_gamma: float = 80.0
+    miner_epsilon: float = 0.1
+    mine_from_epoch: int = 5  # 1-based
+    p: int = 32
+    k: int = 4
+    # optimiser and schedule
+    epochs: int = 15
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    llrd: float = 0.65
+    head_lr_mult: float = 10.0
+    warmup: float = 0.15
+    grad_clip: float = 1.0
+    # augmentation
+    aug_crop: bool = True
+    aug_flip: bool = True
+    aug_color_jitter: float = 0.2
+    aug_grayscale: float = 0.1
+    aug_erasing: float = 0.25
+    # run
+    amp: str = "auto"
+    val_split: float = 0.1
+    workers: int = 4
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.p >= 2, "--p must be at least 2 (metric learning needs several classes per batch)"),
+            (self.k >= 2, "--k must be at least 2 (each class needs a positive pair)"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.val_split < 1, "--val-split must be in [0, 1)"),
+            (0 < self.llrd <= 1, "--llrd must be in (0, 1]"),
+            (0 <= self.warmup, "--warmup must be non-negative"),
+            (self.mine_from_epoch >= 1, "--mine-from-epoch is 1-based and must be at least 1"),
+            (self.embed_dim >= 1, "--embed-dim must be positive"),
+            (self.workers >= 0, "--workers must be non-negative"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ClipretError(msg)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML settings file into {option_name_with_underscores: value}.
+
+    A ``[train]`` table is used if present, otherwise the top level.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipretError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ClipretError(f"{path} is not valid TOML ({exc})") from None
+    table = data.get("train", data)
+    return {str(k).replace("-", "_"): v for k, v in table.items()}

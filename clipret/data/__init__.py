@@ -1,0 +1,1 @@
+"""Dataset layout, robust image decoding, transforms and the P×K sampler."""

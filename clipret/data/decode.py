@@ -1,0 +1,97 @@
+"""Open any image file as an RGB PIL image, or say precisely why not.
+
+Real folders hold broken files. :func:`load_rgb` never raises for a bad
+image: it returns ``(None, reason)``, and the caller lists the reason in the
+manifest. Valid but unusual files are normalised:
+
+* EXIF orientation is applied;
+* animated GIF/WebP: the first frame;
+* palette and transparent images are composited on white;
+* CMYK, grayscale and 16-bit images are converted to 8-bit RGB;
+* a file whose extension lies (a PNG named .jpg) is read by its content.
+
+Decompression bombs are refused. The pixel limit is set explicitly here
+(``MAX_PIXELS``, overridable with the CLIPRET_MAX_IMAGE_PIXELS environment
+variable), not left to PIL's default.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # about 13k x 13k, 3x PIL's own default
+MAX_PIXELS = int(os.environ.get("CLIPRET_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
+
+# Explicit, not by accident: a truncated file is an error, and the bomb limit is ours.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def set_max_pixels(limit: int) -> None:
+    """Change the decompression-bomb limit (pixels per image) for this process."""
+    global MAX_PIXELS
+    MAX_PIXELS = int(limit)
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        arr8 = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "RGB" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | None]:
+    """Decode ``path`` fully into an RGB image.
+
+    Returns ``(image, None)`` on success and ``(None, reason)`` otherwise,
+    where ``reason`` is a short human-readable phrase.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return None, "broken symlink"
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return None, f"cannot stat file ({exc.strerror or exc})"
+    if size == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)  # animated: first frame
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                return _to_rgb(img).copy(), None
+    except PermissionError:
+        return None, "permission denied"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, f"decompression bomb refused (over {MAX_PIXELS} pixels)"
+    except UnidentifiedImageError:
+        return None, "not an image (unrecognised format)"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in detail.lower():
+            return None, "truncated image"
+        return None, f"corrupt image ({detail})"

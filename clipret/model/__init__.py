@@ -1,0 +1,1 @@
+"""Model: the OpenCLIP image tower, pooling, the embedding head, build/save/load."""

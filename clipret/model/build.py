@@ -1,0 +1,134 @@
+"""Build, save and load encoders. Build first, load weights second.
+
+A :class:`ModelSpec` holds everything needed to rebuild a model and its
+preprocessing: the open_clip config dict itself (not just its name), so a
+saved folder rebuilds without the original config file or network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipret import artifacts
+from clipret.errors import ClipretError
+from clipret.model import backbone
+from clipret.model.net import ClipImageEncoder, RetrievalNet
+from clipret.model.tower import TokenTower
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild an encoder. ``pool == "clip"`` means CLIP's own embedding, no head."""
+
+    backbone: str
+    clip_config: dict[str, Any]
+    quick_gelu: bool = False
+    pool: str = "gem"
+    gem_input: str = "softplus"
+    embed_dim: int = 512
+    dropout: float = 0.1
+    image_size: int | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    pretrained: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def make_spec(
+    model: str,
+    pretrained: str | None = None,
+    *,
+    pool: str = "gem",
+    gem_input: str = "softplus",
+    embed_dim: int = 512,
+    dropout: float = 0.1,
+    image_size: int | None = None,
+) -> ModelSpec:
+    """Resolve ``--model``/``--pretrained`` into a spec (no weights are read yet)."""
+    name, cfg = backbone.clip_config_for(model)
+    if pretrained is None:
+        pretrained = backbone.default_tag(name)
+    tag_cfg = backbone.tag_config(name, pretrained)
+    quick_gelu = bool(cfg.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
+    return ModelSpec(
+        backbone=name,
+        clip_config=cfg,
+        quick_gelu=quick_gelu,
+        pool=pool,
+        gem_input=gem_input,
+        embed_dim=embed_dim,
+        dropout=dropout,
+        image_size=image_size,
+        preprocess=backbone.preprocess_for(cfg, tag_cfg, image_size),
+        pretrained=pretrained,
+    )
+
+
+def build_encoder(spec: ModelSpec) -> nn.Module:
+    """Construct the encoder with random weights. Touches neither disk nor network."""
+    visual = backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size)
+    if spec.pool == "clip":
+        return ClipImageEncoder(visual)
+    return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input)
+
+
+def create_encoder(spec: ModelSpec) -> nn.Module:
+    """Build the encoder and load the backbone's pretrained weights (download if a tag)."""
+    path = backbone.fetch_weights(spec.backbone, spec.pretrained)
+    visual = backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size)
+    if path is not None:
+        backbone.load_visual_weights(visual, artifacts.load_weights_file(path))
+    if spec.pool == "clip":
+        return ClipImageEncoder(visual)
+    return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input)
+
+
+def save_model(folder: str | Path, encoder: nn.Module, spec: ModelSpec) -> str:
+    """Write ``config.json`` + ``model.safetensors``; return the model fingerprint."""
+    return artifacts.save_model_folder(folder, encoder.state_dict(), {"model": spec.to_dict()})
+
+
+def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec, str]:
+    """Rebuild a saved model offline; returns (encoder in eval mode, spec, fingerprint)."""
+    folder = Path(folder)
+    config = artifacts.read_model_config(folder)
+    spec = ModelSpec.from_dict(config["model"])
+    encoder = build_encoder(spec)
+    weights = folder / artifacts.WEIGHTS_NAME
+    state = artifacts.load_weights_file(weights)
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ClipretError(f"{weights} does not match {folder / artifacts.CONFIG_NAME} ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    return encoder.eval(), spec, str(config.get("fingerprint") or "")
+
+
+def open_encoder(model: str, pretrained: str | None = None) -> tuple[nn.Module, ModelSpec, str]:
+    """What ``embed``/``query`` use: a trained folder, or an open_clip model for zero-shot.
+
+    For an open_clip name or config, the encoder is CLIP's own image embedding
+    (no head) with the given pretrained weights.
+    """
+    if Path(model).is_dir():
+        return load_model(model)
+    spec = make_spec(model, pretrained, pool="clip")
+    encoder = create_encoder(spec).eval()
+    return encoder, spec, _zero_shot_fingerprint(spec)
+
+
+def _zero_shot_fingerprint(spec: ModelSpec) -> str:
+    src = spec.pretrained
+    if Path(src).is_file():
+        src = "sha256:" + artifacts.sha256_file(src)
+    return artifacts.fingerprint_of({"model": spec.to_dict(), "weights_source": src}, "")
+

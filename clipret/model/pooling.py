@@ -1,0 +1,80 @@
+"""Pooling of token or feature-map features into one vector per image.
+
+Functions first (pure tensor math), Modules second (they hold the learnable
+GeM exponent and call the functions).
+
+Layout convention: features are (B, N, C): batch, tokens (ViT patches or the
+H*W cells of a CNN map), channels. Pooling reduces dim 1.
+
+GeM on ViT tokens needs care. open_clip's patch tokens come out of a
+LayerNorm: about half of each token's values are negative. The classic
+``clamp(min=eps)`` maps them all to eps, so they carry no signal and no
+gradient, and p barely moves. :class:`GeM` therefore maps its input to
+non-negative values first, with one of:
+
+* ``"clamp"``: the classic GeM (right for post-ReLU CNN maps);
+* ``"softplus"``: ``softplus(x)``, smooth, every value keeps a gradient;
+* ``"shift"``: ``x - min_n(x) + eps`` per image and channel, order-preserving.
+
+docs/gem.md records the measurement that chose the ViT default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GEM_INPUTS = ("clamp", "softplus", "shift")
+
+
+def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6, dim: int = 1) -> torch.Tensor:
+    """Generalised mean ``(mean_n x^p)^(1/p)`` over ``dim``; ``x`` must be non-negative.
+
+    Args:
+        x: (B, N, C) non-negative features (values below ``eps`` are clamped to it).
+        p: the exponent, a scalar tensor or float; p=1 is the mean, p→∞ the max.
+    Returns:
+        (B, C).
+    """
+    return x.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
+
+
+def nonnegative(x: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
+    """Map (B, N, C) features to non-negative values for GeM (see the module docstring)."""
+    if how == "clamp":
+        return x.clamp(min=eps)
+    if how == "softplus":
+        return F.softplus(x)
+    if how == "shift":
+        return x - x.amin(dim=1, keepdim=True).detach() + eps
+    raise ValueError(f"unknown GeM input mapping {how!r}; choose from {GEM_INPUTS}")
+
+
+class GeM(nn.Module):
+    """GeM pooling with a learnable exponent ``p`` (initialised at 3).
+
+    Input (B, N, C), output (B, C).
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, input_map: str = "softplus") -> None:
+        super().__init__()
+        if input_map not in GEM_INPUTS:
+            raise ValueError(f"unknown GeM input mapping {input_map!r}; choose from {GEM_INPUTS}")
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+        self.input_map = input_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nonnegative(x.float(), self.input_map, self.eps)
+        return gem(x, self.p.clamp(min=1.0), self.eps, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3f}, eps={self.eps}, input_map={self.input_map!r}"
+
+
+class MeanPool(nn.Module):
+    """Average over tokens: (B, N, C) -> (B, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)

@@ -1,0 +1,74 @@
+"""Device, precision, seeding and distributed-rank helpers shared by every command.
+
+Rank helpers read the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), so
+code can ask "am I rank 0?" before, or without, initialising a process group.
+Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from typing import Any
+
+from clipret.errors import ClipretError
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """"auto" -> cuda if available, else cpu. Asking for cuda without one is a user error."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipretError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in {"cpu"} and not device.startswith("cuda"):
+        raise ClipretError(f"unknown --device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str | None, device: Any) -> Any:
+    """Autocast dtype for ``--amp bf16|fp16|none``; default bf16 on CUDA, none on CPU."""
+    import torch
+
+    if amp is None or amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    if amp not in table:
+        raise ClipretError(f"unknown --amp {amp!r}; use bf16, fp16 or none")
+    if table[amp] is torch.float16 and device.type != "cuda":
+        raise ClipretError("--amp fp16 needs a CUDA device; use --amp none (or bf16) on CPU")
+    return table[amp]
+
+
+def autocast(device: Any, dtype: Any) -> Any:
+    import torch
+
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

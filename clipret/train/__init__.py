@@ -1,0 +1,1 @@
+"""Training: LLRD parameter groups, warmup-cosine schedule, loss wiring, the loop, checkpoints."""
