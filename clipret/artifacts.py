@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from clipret import __version__
+from clipret import __version__, _fault
 from clipret.errors import ClipretError
 
 EMBEDDINGS_FORMAT = "clipret.embeddings/1"
@@ -64,8 +64,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        _fault.maybe_kill("before-rename", final.name)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+        _fault.maybe_kill("after-rename", final.name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -83,6 +85,16 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
             os.fsync(fh.fileno())
 
 
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files a killed writer left in ``folder``; return how many."""
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     with atomic_open(path, "w") as fh:
@@ -98,6 +110,10 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         raise ClipretError(f"{what} not found: {p}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ClipretError(f"{what} {p} is not valid JSON ({exc}); regenerate it") from None
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

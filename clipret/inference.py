@@ -73,6 +73,9 @@ def embed_folder(
     model: str,
     pretrained: str | None = None,
     *,
+    out: str | Path | None = None,
+    shard_size: int = 8192,
+    resume: bool = False,
     batch_size: int = 64,
     workers: int = 4,
     device: str = "auto",
@@ -85,26 +88,104 @@ def embed_folder(
 
     ``model`` is a trained run folder or an open_clip name/config (zero-shot
     CLIP embedding with ``pretrained`` weights). With ``strict``, any image
-    that cannot be decoded raises :class:`ClipretError` instead of being skipped.
+    that cannot be decoded raises :class:`ClipretError` and nothing is written.
+
+    With ``out`` (a .npy path) the result is also written there with its
+    manifest, and progress is kept in shards of ``shard_size`` ids under
+    ``OUT.parts/``: with ``resume``, finished shards of an interrupted run
+    (same model fingerprint, same ids) are reused and only missing ones are
+    embedded. Both runs embed the same shards in the same batches, so the
+    merged result is identical to an uninterrupted run. The parts folder is
+    removed once ``out`` is written.
     """
-    from clipret import runtime
+    import shutil
+
+    from clipret import artifacts, runtime
     from clipret.data.layout import list_images
     from clipret.data.transforms import eval_transform
     from clipret.model.build import open_encoder
 
     ids = list_images(folder)
     encoder, spec, fingerprint = open_encoder(model, pretrained)
+    parts = _prepare_parts(Path(out), ids, fingerprint, shard_size, resume) if out is not None else None
     dev = runtime.resolve_device(device)
+    amp_dtype = runtime.resolve_amp(amp, dev)
+    transform = eval_transform(spec.preprocess)
     if on_start is not None:
         on_start(len(ids))
-    vectors, kept, skipped = embed_images(
-        encoder, folder, ids, eval_transform(spec.preprocess), batch_size=batch_size, workers=workers,
-        device=dev, amp=runtime.resolve_amp(amp, dev), on_batch=on_batch,
-    )
-    if strict and skipped:
+
+    def fail_strict(skipped: list[dict[str, str]]) -> None:
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
         first = skipped[0]
         raise ClipretError(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); nothing written (--strict)")
+
+    shards: list[Embeddings] = []
+    for n, start in enumerate(range(0, len(ids), shard_size)):
+        shard_ids = ids[start : start + shard_size]
+        path = parts / f"shard-{n:06d}.npy" if parts is not None else None
+        done = _reusable_shard(path, shard_ids, fingerprint) if path is not None and resume else None
+        if done is not None:
+            if on_batch is not None:
+                on_batch(len(shard_ids))
+            shards.append(done)
+            continue
+        vectors, kept, skipped = embed_images(encoder, folder, shard_ids, transform, batch_size=batch_size,
+                                              workers=workers, device=dev, amp=amp_dtype, on_batch=on_batch)
+        if strict and skipped:
+            fail_strict(skipped)
+        if path is not None:
+            artifacts.save_embeddings(path, vectors, kept, fingerprint=fingerprint, skipped=skipped)
+        shards.append(Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped))
+
+    skipped = [s for e in shards for s in e.skipped]
+    kept = [i for e in shards for i in e.ids]
+    if strict and skipped:
+        fail_strict(skipped)
     if not kept:
         raise ClipretError(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: {skipped[0]['reason']})")
+    vectors = np.concatenate([np.asarray(e.vectors) for e in shards])
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size")}
-    return Embeddings(vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
+    result = Embeddings(vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
+    if out is not None and runtime.is_main():
+        artifacts.save_embeddings(out, vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
+        shutil.rmtree(parts, ignore_errors=True)
+        result.path = Path(out)
+    return result
+
+
+def _prepare_parts(out: Path, ids: Sequence[str], fingerprint: str, shard_size: int, resume: bool) -> Path:
+    """Create (or, with ``resume``, check and keep) the ``OUT.parts`` progress folder."""
+    import shutil
+
+    from clipret import artifacts
+
+    parts = out.with_name(out.name + ".parts")
+    info = {"fingerprint": fingerprint, "shard_size": shard_size, "n_ids": len(ids),
+            "ids_sha256": artifacts.sha256_text("\n".join(ids))}
+    if parts.is_dir():
+        previous = artifacts.read_json(parts / "run.json", "partial-run manifest") if (parts / "run.json").is_file() else None
+        if not resume:
+            shutil.rmtree(parts)
+        elif previous != info:
+            raise ClipretError(f"{parts} holds partial results of another model, folder or --shard-size; "
+                               "delete it, or run without --resume")
+    parts.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(parts / "run.json", info)
+    return parts
+
+
+def _reusable_shard(path: Path, shard_ids: Sequence[str], fingerprint: str) -> Embeddings | None:
+    """A finished shard from an earlier run, if it covers exactly ``shard_ids`` with this model."""
+    from clipret import artifacts
+
+    if not path.is_file() or not artifacts.manifest_path(path).is_file():
+        return None
+    try:
+        shard = artifacts.load_embeddings(path, mmap=False)
+    except ClipretError:
+        return None
+    covered = sorted(shard.ids + [s["id"] for s in shard.skipped])
+    if shard.fingerprint != fingerprint or covered != sorted(shard_ids):
+        return None
+    return shard

@@ -113,3 +113,45 @@ def ref_r_precision(ranked_labels, query_labels, n_relevant):
             continue
         scores.append(_precision_at(ranked, label, r))
     return _mean(scores)
+
+
+# ---------------------------------------------------------------------------
+# Pooling, schedule, search, sampler checks.
+# ---------------------------------------------------------------------------
+
+
+def ref_gem(x, p, eps=1e-6):
+    """GeM over tokens of a nested list x[b][n][c] -> out[b][c], one number at a time."""
+    out = []
+    for tokens in x:
+        row = []
+        for c in range(len(tokens[0])):
+            total = 0.0
+            for tok in tokens:
+                total += max(tok[c], eps) ** p
+            row.append((total / len(tokens)) ** (1.0 / p))
+        out.append(row)
+    return out
+
+
+def ref_warmup_cosine(step, total, warmup):
+    """The LR multiplier written out case by case."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if progress > 1:
+        progress = 1.0
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ref_topk(queries, gallery, k):
+    """Top-k by dot product; ties go to the lower gallery index. Lists of lists in, lists out."""
+    out_idx, out_scores = [], []
+    for q in queries:
+        scored = []
+        for j, g in enumerate(gallery):
+            scored.append((-sum(a * b for a, b in zip(q, g)), j))
+        scored.sort()
+        out_idx.append([j for _, j in scored[:k]])
+        out_scores.append([-s for s, _ in scored[:k]])
+    return out_scores, out_idx

@@ -22,6 +22,8 @@ def embed_command(
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail (exit 2, nothing written) if any image cannot be read.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run: re-embed only the shards not yet written.")] = False,
+    shard_size: Annotated[int, typer.Option(help="Images per progress shard (OUT.parts/), the unit --resume skips.")] = 8192,
 ) -> None:
     """Embed every image under FOLDER into OUT (.npy, float32, L2-normalised, rows in id order).
 
@@ -33,15 +35,16 @@ def embed_command(
 
       clipret embed ./data/test/gallery --model ViT-B-32 --pretrained openai --out g0.npy
     """
-    from clipret import artifacts
     from clipret.inference import embed_folder
 
     if out.suffix != ".npy":
         _console.fail(f"--out must end in .npy, got {out}")
+    if shard_size <= 0:
+        _console.fail(f"--shard-size must be positive, got {shard_size}")
     with _console.progress_bar(None, "embed") as advance:
-        emb = embed_folder(folder, model, pretrained, batch_size=batch_size, workers=workers, device=device,
-                           amp=amp, strict=strict, on_start=lambda n: advance(0, total=n), on_batch=advance)
-    artifacts.save_embeddings(out, emb.vectors, emb.ids, fingerprint=emb.fingerprint, flags=emb.flags, skipped=emb.skipped)
+        emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
+                           workers=workers, device=device, amp=amp, strict=strict,
+                           on_start=lambda n: advance(0, total=n), on_batch=advance)
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
     _report_skipped(emb.skipped)
 

@@ -74,6 +74,7 @@ def train_command(
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     config: Annotated[
         Optional[Path],
         typer.Option("--config", help="TOML file of options (keys as option names); flags override it.",
@@ -81,14 +82,14 @@ def train_command(
     ] = None,
 ) -> None:
     # The help text is _HELP (see the bottom of this module).
-    values = {k_: v for k_, v in locals().items() if k_ not in {"ctx", "resume", "config"}}
+    values = {k_: v for k_, v in locals().items() if k_ not in {"ctx", "resume", "overwrite", "config"}}
     values["root"], values["out"] = str(root), str(out)
     from clipret.config import TrainConfig
 
-    _run(TrainConfig.from_dict(values), resume)
+    _run(TrainConfig.from_dict(values), resume, overwrite)
 
 
-def _run(cfg: Any, resume: bool) -> None:
+def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
     from clipret.train.loop import train
 
     state: dict[str, Any] = {}
@@ -102,6 +103,9 @@ def _run(cfg: Any, resume: bool) -> None:
             )
             for w in payload["warnings"]:
                 _console.warn(w)
+            if payload["excluded"]:
+                shown = "; ".join(f"{e['id']}: {e['reason']}" for e in payload["excluded"][:5])
+                _console.warn(f"excluded {len(payload['excluded'])} unreadable training image(s): {shown}")
             if payload["small_classes"]:
                 _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
             state["bar"] = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "img/s")
@@ -116,7 +120,7 @@ def _run(cfg: Any, resume: bool) -> None:
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
 
     try:
-        summary = train(cfg, resume=resume, on_event=on_event)
+        summary = train(cfg, resume=resume, overwrite=overwrite, on_event=on_event)
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)

@@ -80,6 +80,10 @@ def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | No
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x
+                # the limit, and catch_warnings() is not thread-safe (check_images decodes in threads).
+                if img.width * img.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError("image too large")
                 img.seek(0)  # animated: first frame
                 img.load()
                 img = ImageOps.exif_transpose(img) or img

@@ -28,6 +28,7 @@ from clipret.data.dataset import ImageFolderDataset, collate
 from clipret.data.layout import training_set
 from clipret.data.sampler import PKBatchSampler, resolve_p
 from clipret.data.transforms import AugmentConfig, eval_transform, train_transform
+from clipret.data.validate import check_images
 from clipret.errors import ClipretError
 from clipret.inference import embed_images
 from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec, save_model
@@ -46,7 +47,7 @@ def _noop(kind: str, payload: dict[str, Any]) -> None:
     pass
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event = _noop) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on_event: Event = _noop) -> dict[str, Any]:
     """Fine-tune a retrieval model on ``cfg.root``; write the run into ``cfg.out``.
 
     With ``resume=True`` the run continues from ``cfg.out/checkpoint.pt`` and
@@ -57,6 +58,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event = _noop) ->
     if runtime.world_size() > 1:
         raise ClipretError("multi-process (torchrun) training is not supported yet; run a single process")
     out = Path(cfg.out)
+    if not resume and not overwrite and ((out / CHECKPOINT_NAME).exists() or (out / artifacts.WEIGHTS_NAME).exists()):
+        raise ClipretError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if runtime.is_main() and out.is_dir():
+        artifacts.remove_stale_temps(out)
     ckpt = artifacts.load_checkpoint(out / CHECKPOINT_NAME) if resume else None
     if ckpt is not None:
         cfg = TrainConfig.from_dict({**ckpt["config"], "workers": cfg.workers, "device": cfg.device})
@@ -65,6 +70,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event = _noop) ->
     amp = runtime.resolve_amp(cfg.amp, device)
 
     ids, class_of, folder = training_set(cfg.root)
+    bad = check_images(folder, ids, workers=max(1, cfg.workers))
+    if bad:
+        kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
+        ids, class_of = [i for i, _ in kept], [c for _, c in kept]
+        if len(set(class_of)) < 2:
+            raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
     class_names = sorted(set(class_of))
     label_ids = np.array([class_names.index(c) for c in class_of], dtype=np.int64)
     train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
@@ -110,6 +121,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_event: Event = _noop) ->
         "p": p, "k": cfg.k, "small_classes": sampler.small_classes, "warnings": [w for w in [warn_p] if w],
         "total_steps": total_steps, "start_step": step, "device": str(device), "amp": str(amp).replace("torch.", ""),
         "backbone": spec.backbone, "pretrained": spec.pretrained,
+        "excluded": [{"id": i, "reason": r} for i, r in sorted(bad.items())],
     })
 
     def checkpoint(epoch: int, batch: int) -> None:

@@ -1,0 +1,169 @@
+"""The commands end to end, through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipret.cli import app
+from conftest import TINY_RN
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_help_lists_commands_and_examples():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "embed", "query", "evaluate", "demo"):
+        assert cmd in r.output
+    for cmd in ("train", "embed", "query", "evaluate", "demo"):
+        sub = run(cmd, "--help")
+        assert sub.exit_code == 0 and "Example" in sub.output, cmd
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from clipret.cli import app; assert 'torch' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = run("train", tiny_dataset, "--out", out, "--model", TINY_RN, "--pretrained", "none", "--image-size", 32,
+            "--epochs", 2, "--p", 3, "--k", 2, "--workers", 0, "--device", "cpu", "--val-split", 0.25,
+            "--mine-from-epoch", 2)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_writes_model_metrics_and_checkpoint(trained_run):
+    assert (trained_run / "model.safetensors").is_file() and (trained_run / "config.json").is_file()
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all("val_recall@1" in r and "val_map@r" in r for r in rows)
+    assert [r["mining"] for r in rows] == [False, True]
+    assert sum(r["best"] for r in rows) >= 1
+    import torch
+
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == rows[-1]["step"]
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "batch"} <= set(ckpt)
+
+
+def test_embed_query_evaluate_pipeline(trained_run, tiny_dataset, tmp_path):
+    g, q, res = tmp_path / "g.npy", tmp_path / "q.npy", tmp_path / "results.json"
+    for folder, out in ((tiny_dataset / "test" / "gallery", g), (tiny_dataset / "test" / "query", q)):
+        r = run("embed", folder, "--model", trained_run, "--out", out, "--workers", 0, "--device", "cpu")
+        assert r.exit_code == 0, r.output
+    gv = np.load(g)
+    meta = json.loads(g.with_suffix(".json").read_text())
+    assert gv.shape == (16, 512) and gv.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(gv, axis=1), 1.0, rtol=1e-5)
+    assert meta["ids"] == sorted(meta["ids"]) and len(meta["ids"]) == 16
+    assert meta["model_fingerprint"] == json.loads((trained_run / "config.json").read_text())["fingerprint"]
+
+    r = run("query", q, "--gallery", g, "--k", 5, "--out", res)
+    assert r.exit_code == 0, r.output
+    results = json.loads(res.read_text())
+    assert len(results) == 8 and all(len(x["samples"]) == 5 and len(x["scores"]) == 5 for x in results)
+    assert all(x["scores"] == sorted(x["scores"], reverse=True) for x in results)
+    # the listed scores are the cosines of the listed ids
+    qm = json.loads(q.with_suffix(".json").read_text())["ids"]
+    qv = np.load(q)
+    first = results[0]
+    qi = qm.index(first["filename"])
+    gi = meta["ids"].index(first["samples"][0])
+    assert abs(float(qv[qi] @ gv[gi]) - first["scores"][0]) < 1e-5
+
+    # query straight from an image folder gives the same lists
+    res2 = tmp_path / "r2.json"
+    r = run("query", tiny_dataset / "test" / "query", "--model", trained_run, "--gallery", g, "--k", 5,
+            "--out", res2, "--workers", 0, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert [x["samples"] for x in json.loads(res2.read_text())] == [x["samples"] for x in results]
+
+    labels = tiny_dataset / "test" / "labels.csv"
+    r = run("evaluate", res, "--labels", labels, "--k", 1, 5, "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert {"recall@1", "recall@5", "precision@5", "map@5", "n_queries"} <= set(m) and m["n_queries"] == 8
+    assert 0.0 <= m["recall@1"] <= m["recall@5"] <= 1.0
+
+    r = run("evaluate", "--query", q, "--gallery", g, "--labels", labels, "--k", 1, "--k", 5, "--json")
+    assert r.exit_code == 0, r.output
+    full = json.loads(r.stdout)
+    assert {"map", "map@r", "r_precision"} <= set(full)
+    assert full["recall@1"] == pytest.approx(m["recall@1"]) and full["map@5"] == pytest.approx(m["map@5"])
+
+    r = run("evaluate", "--query", q, "--gallery", g)  # labels from class subfolders
+    assert r.exit_code == 0 and "recall@1" in r.stdout
+
+
+def test_toml_config_and_flag_override(tiny_dataset, tmp_path):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'model = "{TINY_RN.as_posix()}"\npretrained = "none"\nimage-size = 32\nepochs = 1\np = 2\nk = 2\n'
+                    'workers = 0\ndevice = "cpu"\nval_split = 0.0\nembed_dim = 32\n')
+    out = tmp_path / "run"
+    r = run("train", tiny_dataset, "--config", toml, "--embed-dim", 16, "--out", out)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert cfg["embed_dim"] == 16  # the flag beat the file
+    assert cfg["preprocess"]["size"] == 32  # the file beat the default
+    toml.write_text("epochz = 3\n")
+    r = run("train", tiny_dataset, "--config", toml, "--out", out)
+    assert r.exit_code == 2 and "unknown setting(s) epochz" in r.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["query", "missing.npy", "--gallery", "missing.npy"], "not found"),
+        (["evaluate"], "nothing to score"),
+        (["train", "/nonexistent/root", "--model", str(TINY_RN), "--pretrained", "none"], "not found"),
+        (["embed", "/nonexistent", "--model", str(TINY_RN), "--pretrained", "none", "--out", "x.npy"], "folder not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    r = run(*args)
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert len([line for line in r.output.splitlines() if line.strip()]) == 1
+
+
+def test_query_k_must_be_positive_and_dims_must_match(tmp_path):
+    from clipret import artifacts
+
+    artifacts.save_embeddings(tmp_path / "a.npy", np.eye(3, dtype=np.float32), ["a", "b", "c"], fingerprint="f1")
+    artifacts.save_embeddings(tmp_path / "b.npy", np.eye(4, dtype=np.float32), list("abcd"), fingerprint="f1")
+    artifacts.save_embeddings(tmp_path / "c.npy", np.eye(3, dtype=np.float32), ["a", "b", "c"], fingerprint="f2")
+    r = run("query", tmp_path / "a.npy", "--gallery", tmp_path / "a.npy", "--k", 0)
+    assert r.exit_code == 2 and "--k must be positive" in r.output
+    r = run("query", tmp_path / "a.npy", "--gallery", tmp_path / "b.npy")
+    assert r.exit_code == 2 and "query dim 3 != gallery dim 4" in r.output
+    r = run("query", tmp_path / "a.npy", "--gallery", tmp_path / "c.npy", "--out", tmp_path / "r.json")
+    assert r.exit_code == 2 and "different models" in r.output and not (tmp_path / "r.json").exists()
+    r = run("query", tmp_path / "a.npy", "--gallery", tmp_path / "c.npy", "--out", tmp_path / "r.json", "--allow-mismatch")
+    assert r.exit_code == 0 and (tmp_path / "r.json").exists() and "warning" in r.output
+
+
+def test_offline_pretrained_tag_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from clipret.model import backbone
+
+    monkeypatch.setattr(backbone, "_cached", lambda cfg: False)
+    (tmp_path / "a.png").write_bytes(b"")
+    r = run("embed", tmp_path, "--model", "ViT-B-32", "--pretrained", "openai", "--out", tmp_path / "x.npy")
+    assert r.exit_code == 2
+    assert "--pretrained none" in r.output and "local weights file" in r.output

@@ -1,0 +1,156 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from clipret import artifacts
+from clipret.errors import ClipretError
+from clipret.model import backbone
+from clipret.model.build import build_encoder, create_encoder, load_model, make_spec, open_encoder, save_model
+from clipret.model.net import ClipImageEncoder, RetrievalNet
+from conftest import TINY_RN, TINY_VIT
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RN])
+def test_encoder_shapes_and_norm(cfg):
+    spec = make_spec(str(cfg), "none", embed_dim=128)
+    net = build_encoder(spec).eval()
+    assert isinstance(net, RetrievalNet)
+    y = net(torch.randn(3, 3, 64, 64))
+    assert y.shape == (3, 128)
+    torch.testing.assert_close(y.norm(dim=1), torch.ones(3))
+    assert "proj" not in dict(net.named_parameters())  # CLIP's projection is dropped
+
+
+def test_vit_gem_pools_patch_tokens_only():
+    spec = make_spec(str(TINY_VIT), "none")
+    net = build_encoder(spec).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cls, tokens = net.tower(x)
+    assert cls.shape == (2, 96) and tokens.shape == (2, 64, 96)  # 8x8 patches, CLS excluded
+    expected = net.pool(tokens)
+    torch.testing.assert_close(net.pooled(x), expected)
+
+
+def test_preprocess_comes_from_open_clip_not_imagenet():
+    spec = make_spec(str(TINY_VIT), "none")
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    assert spec.preprocess["mean"] == list(OPENAI_DATASET_MEAN)
+    assert spec.preprocess["std"] == list(OPENAI_DATASET_STD)
+    assert spec.preprocess["size"] == 64
+    assert make_spec(str(TINY_VIT), "none", image_size=32).preprocess["size"] == 32
+
+
+def test_default_tag_and_tag_preprocessing_for_real_models():
+    spec = make_spec("ViT-L-14")  # resolving a spec reads no weights
+    assert spec.pretrained == "openai" and spec.quick_gelu is True
+    laion = make_spec("ViT-L-14", "laion2b_s32b_b82k")
+    from open_clip.constants import INCEPTION_MEAN
+
+    assert laion.preprocess["mean"] == list(INCEPTION_MEAN)
+    assert laion.quick_gelu is False
+
+
+def test_save_load_roundtrip_gives_identical_embeddings(tmp_path):
+    spec = make_spec(str(TINY_VIT), "none", embed_dim=64)
+    torch.manual_seed(1)
+    net = build_encoder(spec).eval()
+    with torch.no_grad():
+        net.pool.p.fill_(2.5)
+        net.head.bn.running_mean.uniform_(-0.1, 0.1)
+    x = torch.randn(4, 3, 64, 64)
+    fp = save_model(tmp_path / "m", net, spec)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    # Rebuilding never needs the original config file.
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model"]["clip_config"]["vision_cfg"]["width"] == 96 and cfg["fingerprint"] == fp
+    net2, spec2, fp2 = load_model(tmp_path / "m")
+    assert fp2 == fp and spec2 == spec
+    with torch.no_grad():
+        assert torch.equal(net(x), net2(x))
+
+
+def test_fingerprint_changes_with_weights(tmp_path):
+    spec = make_spec(str(TINY_VIT), "none")
+    net = build_encoder(spec)
+    fp1 = save_model(tmp_path / "a", net, spec)
+    with torch.no_grad():
+        net.head.fc.weight.add_(1e-3)
+    assert save_model(tmp_path / "b", net, spec) != fp1
+
+
+def test_local_weights_file_loads_into_tower(tmp_path):
+    spec = make_spec(str(TINY_VIT), "none")
+    torch.manual_seed(5)
+    donor = backbone.build_visual(spec.clip_config, False)
+    state = {f"visual.{k}": v for k, v in donor.state_dict().items()}
+    state["text.dummy"] = torch.zeros(1)  # text-tower keys of a full CLIP checkpoint are ignored
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        enc = create_encoder(make_spec(str(TINY_VIT), str(tmp_path / f), pool="clip"))
+        assert isinstance(enc, ClipImageEncoder)
+        torch.testing.assert_close(enc.visual.conv1.weight, donor.conv1.weight)
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(ClipretError, match="refusing to load"):
+        artifacts.load_weights_file(bad)
+    assert not marker.exists()
+    with pytest.raises(ClipretError, match="refusing to load"):
+        create_encoder(make_spec(str(TINY_VIT), str(bad)))
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors_and_missing_config(tmp_path):
+    spec = make_spec(str(TINY_VIT), "none")
+    save_model(tmp_path / "m", build_encoder(spec), spec)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ClipretError, match="safetensors"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(ClipretError, match="config.json"):
+        load_model(tmp_path / "m")
+
+
+def test_offline_tag_fails_fast_with_instructions(monkeypatch):
+    import socket
+
+    def no_dns(*a, **k):
+        raise socket.gaierror("offline")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(backbone, "_cached", lambda cfg: False)
+    with pytest.raises(ClipretError) as exc:
+        open_encoder("ViT-B-32", "openai")
+    msg = str(exc.value)
+    assert "\n" not in msg and "--pretrained none" in msg and "local weights file" in msg
+
+
+def test_unknown_model_and_tag_are_user_errors():
+    with pytest.raises(ClipretError, match="unknown open_clip model"):
+        make_spec("ViT-Q-99")
+    with pytest.raises(ClipretError, match="neither a file nor a known tag"):
+        make_spec("ViT-B-32", "no-such-tag")
+
+
+def test_zero_shot_encoder_is_clip_embedding():
+    enc, spec, fp = open_encoder(str(TINY_VIT), "none")
+    assert spec.pool == "clip" and len(fp) == 16
+    y = enc(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 64)  # the config's CLIP embed_dim, no head
+    np.testing.assert_allclose(y.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)

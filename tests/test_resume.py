@@ -1,0 +1,141 @@
+"""Crash tests: SIGKILL training and embedding subprocesses, then resume.
+
+The kills are real SIGKILLs, delivered by the process to itself at a chosen
+file write (see clipret/_fault.py), so each test hits the same point every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import TINY_RN
+
+pytestmark = pytest.mark.slow
+
+TRAIN_ARGS = ["--model", str(TINY_RN), "--pretrained", "none", "--image-size", "32", "--epochs", "3", "--p", "3",
+              "--k", "2", "--workers", "0", "--device", "cpu", "--val-split", "0.25", "--save-every", "2", "--seed", "7",
+              "--mine-from-epoch", "2"]
+
+
+def clipret(*args: str, kill_at: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CLIPRET_FAULT_KILL", None)
+    if kill_at:
+        env["CLIPRET_FAULT_KILL"] = kill_at
+    return subprocess.run([sys.executable, "-m", "clipret", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def weights(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def final_state(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = clipret("train", tiny_dataset, "--out", out, *TRAIN_ARGS)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    sa, sb = final_state(a), final_state(b)
+    assert sa["step"] == sb["step"]
+    for k in sa["model"]:
+        assert sa["model"][k].equal(sb["model"][k]), k
+    rows_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        "after-rename:checkpoint.pt:3",  # mid-epoch, right after a --save-every checkpoint
+        "before-rename:checkpoint.pt:2",  # during a checkpoint write: the temp file is complete, not yet renamed
+        "before-rename:model.safetensors:1",  # while exporting the best model, before that epoch's checkpoint
+    ],
+)
+def test_train_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_dataset, tmp_path, kill_at):
+    out = tmp_path / "run"
+    r = clipret("train", tiny_dataset, "--out", out, *TRAIN_ARGS, kill_at=kill_at)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert (out / "checkpoint.pt").is_file()
+    if kill_at.startswith("before-rename"):
+        assert list(out.glob(".*.tmp")), "the killed write should have left its temp file"
+    r = clipret("train", tiny_dataset, "--out", out, "--resume", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert not list(out.glob(".*.tmp"))
+    _assert_same_run(reference_run, out)
+
+
+def test_train_refuses_to_clobber_a_run_without_resume(reference_run, tiny_dataset):
+    r = clipret("train", tiny_dataset, "--out", reference_run, *TRAIN_ARGS)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_dataset, tmp_path):
+    r = clipret("train", tiny_dataset, "--out", tmp_path / "none", "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+EMBED_ARGS = ["--model", str(TINY_RN), "--pretrained", "none", "--workers", "0", "--device", "cpu",
+              "--shard-size", "4", "--batch-size", "3"]
+
+
+def test_embed_sigkill_then_resume_reembeds_only_missing_shards(tiny_dataset, tmp_path):
+    gallery = tiny_dataset / "test" / "gallery"  # 16 images -> 4 shards of 4
+    ref = tmp_path / "ref.npy"
+    assert clipret("embed", gallery, "--out", ref, *EMBED_ARGS).returncode == 0
+    again = tmp_path / "again.npy"
+    assert clipret("embed", gallery, "--out", again, *EMBED_ARGS).returncode == 0
+    assert ref.read_bytes() == again.read_bytes()  # deterministic on CPU
+
+    out = tmp_path / "g.npy"
+    parts = tmp_path / "g.npy.parts"
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, kill_at="after-rename:shard-000001.json:1")
+    assert r.returncode == -signal.SIGKILL
+    assert not out.exists() and sorted(p.name for p in parts.glob("shard-*.json")) == ["shard-000000.json", "shard-000001.json"]
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard-*")}
+
+    # resume, and die again right after the first newly embedded shard
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--resume", kill_at="after-rename:shard-000002.json:1")
+    assert r.returncode == -signal.SIGKILL
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard-*")}
+    assert all(after[name] == t for name, t in before.items()), "finished shards must not be re-embedded"
+    assert "shard-000002.npy" in after
+
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == ref.read_bytes()
+    assert json.loads(out.with_suffix(".json").read_text())["ids"] == json.loads(ref.with_suffix(".json").read_text())["ids"]
+    assert not parts.exists()
+
+
+def test_embed_resume_refuses_parts_of_another_model(tiny_dataset, tmp_path):
+    gallery = tiny_dataset / "test" / "gallery"
+    out = tmp_path / "g.npy"
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, kill_at="after-rename:shard-000000.json:1")
+    assert r.returncode == -signal.SIGKILL
+    other = [a if a != str(TINY_RN) else str(TINY_RN.with_name("tiny-vit.json")) for a in EMBED_ARGS]
+    r = clipret("embed", gallery, "--out", out, *other, "--resume")
+    assert r.returncode == 2 and "another model" in r.stderr
