@@ -7,6 +7,7 @@ heavy) only inside the command body, so ``clipret --help`` is instant.
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 
@@ -41,9 +42,18 @@ def _version(value: bool) -> None:
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    max_image_pixels: int = typer.Option(
+        None, "--max-image-pixels", help="Refuse images with more pixels than this (decompression-bomb guard). Default 178956970."
+    ),
 ) -> None:
     if debug:
         os.environ["CLIPRET_DEBUG"] = "1"
+    if max_image_pixels is not None:
+        if max_image_pixels <= 0:
+            raise typer.BadParameter("must be positive", param_hint="--max-image-pixels")
+        os.environ["CLIPRET_MAX_IMAGE_PIXELS"] = str(max_image_pixels)
+        if "clipret.data.decode" in sys.modules:
+            sys.modules["clipret.data.decode"].set_max_pixels(max_image_pixels)
 
 
 app.command("train")(train.train_command)

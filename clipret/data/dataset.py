@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clipret.data.decode import load_rgb
+from clipret.data.layout import id_to_path
 
 
 class ImageFolderDataset(Dataset):
@@ -28,7 +29,7 @@ class ImageFolderDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        img, reason = load_rgb(self.folder / self.ids[index])
+        img, reason = load_rgb(id_to_path(self.folder, self.ids[index]))
         if img is None:
             return {"image": None, "index": index, "error": reason or "unreadable"}
         return {"image": self.transform(img), "index": index, "error": ""}

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from clipret.artifacts import read_json, write_json
-from clipret.data.decode import MAX_PIXELS, load_rgb
+from clipret.data import decode
+from clipret.data.decode import load_rgb
 
 CACHE_VERSION = 1
 
@@ -58,7 +59,7 @@ def check_images(
     if use_cache and cache_path.is_file():
         try:
             data = read_json(cache_path, "image-check cache")
-            if data.get("version") == CACHE_VERSION and data.get("max_pixels") == MAX_PIXELS:
+            if data.get("version") == CACHE_VERSION and data.get("max_pixels") == decode.MAX_PIXELS:
                 cached = data.get("entries", {})
         except Exception:  # a broken cache is just a cold cache
             cached = {}
@@ -83,7 +84,7 @@ def check_images(
     if use_cache and todo:
         entries = {**cached, **{i: [keys[i], verdicts[i]] for i in ids if keys[i] is not None}}
         try:
-            write_json(cache_path, {"version": CACHE_VERSION, "max_pixels": MAX_PIXELS, "folder": str(folder.resolve()), "entries": entries})
+            write_json(cache_path, {"version": CACHE_VERSION, "max_pixels": decode.MAX_PIXELS, "folder": str(folder.resolve()), "entries": entries})
         except OSError:
             pass  # a read-only cache location must not stop training
     return {i: r for i, r in verdicts.items() if r}

@@ -122,7 +122,9 @@ def open_encoder(model: str, pretrained: str | None = None) -> tuple[nn.Module, 
     if Path(model).is_dir():
         return load_model(model)
     spec = make_spec(model, pretrained, pool="clip")
-    encoder = create_encoder(spec).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # with --pretrained none, the same random weights every time
+        encoder = create_encoder(spec).eval()
     return encoder, spec, _zero_shot_fingerprint(spec)
 
 
