@@ -167,3 +167,27 @@ def test_offline_pretrained_tag_is_one_line(monkeypatch, tmp_path):
     r = run("embed", tmp_path, "--model", "ViT-B-32", "--pretrained", "openai", "--out", tmp_path / "x.npy")
     assert r.exit_code == 2
     assert "--pretrained none" in r.output and "local weights file" in r.output
+
+
+def test_more_bad_artifacts_are_one_line_exit_2(tmp_path):
+    from clipret import artifacts
+
+    (tmp_path / "imgs").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "emptymodel").mkdir()
+    r = run("embed", tmp_path / "imgs", "--model", tmp_path / "emptymodel", "--out", tmp_path / "x.npy")
+    assert r.exit_code == 2 and "no config.json" in r.output
+    artifacts.save_embeddings(tmp_path / "q.npy", np.eye(2, dtype=np.float32), ["a", "b"], fingerprint=None)
+    (tmp_path / "labels.csv").write_text("a,x\n")
+    r = run("evaluate", "--query", tmp_path / "q.npy", "--gallery", tmp_path / "q.npy", "--labels", tmp_path / "labels.csv")
+    assert r.exit_code == 2 and "have no label" in r.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = run("--debug", "query", tmp_path / "missing.npy", "--gallery", tmp_path / "missing.npy")
+    assert r.exit_code != 0 and r.exc_info is not None
+    from clipret.errors import ClipretError
+
+    assert isinstance(r.exception, ClipretError)
