@@ -6,9 +6,8 @@
 * a model folder: ``config.json`` + ``model.safetensors``;
 * a training checkpoint: one file read back with ``torch.load(weights_only=True)``.
 
-All writes are atomic: a temporary file in the target folder, flushed and
-fsynced, then renamed over the final name. A process killed at any moment
-leaves either the old file or the complete new one.
+All writes are atomic (see :mod:`clipret.atomic_io`): a process killed at
+any moment leaves either the old file or the complete new one.
 
 torch is imported only inside the functions that need it, so ``query`` and
 ``evaluate`` on .npy files never pay for it.
@@ -16,112 +15,31 @@ torch is imported only inside the functions that need it, so ``query`` and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from clipret import __version__, _fault
+from clipret import __version__
+from clipret.atomic_io import atomic_open, atomic_path, read_json, remove_stale_temps, sha256_file, sha256_text, write_json
 from clipret.errors import ClipretError
+
+__all__ = [
+    "Embeddings", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
+    "save_model_folder", "read_model_config", "load_weights_file", "fingerprint_of", "save_checkpoint",
+    "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
+    "sha256_file", "sha256_text",
+]
 
 EMBEDDINGS_FORMAT = "clipret.embeddings/1"
 MODEL_FORMAT = "clipret.model/1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-# --------------------------------------------------------------------------- atomic I/O
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every filesystem
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    Use this for writers that want a file name (safetensors, faiss). On error
-    the temporary file is removed and ``path`` is left untouched.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fault.maybe_kill("before-rename", final.name)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        _fault.maybe_kill("after-rename", final.name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; it replaces ``path`` only when the block succeeds."""
-    with atomic_path(path) as tmp:
-        kwargs = {"encoding": "utf-8"} if "b" not in mode else {}
-        with open(tmp, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temporary files a killed writer left in ``folder``; return how many."""
-    n = 0
-    for p in Path(folder).glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
-            n += 1
-    return n
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    with atomic_open(path, "w") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-
-
-def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
-    p = Path(path)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipretError(f"{what} not found: {p}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ClipretError(f"{what} {p} is not valid JSON ({exc}); regenerate it") from None
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -7,26 +7,15 @@ import pytest
 
 from clipret import metrics as M
 
-try:  # tests/ is a plain directory today; keep working if it becomes a package
-    from reference import (
-        ref_count_relevant,
-        ref_map,
-        ref_map_at_k,
-        ref_map_at_r,
-        ref_precision_at_k,
-        ref_r_precision,
-        ref_recall_at_k,
-    )
-except ImportError:  # pragma: no cover
-    from tests.reference import (
-        ref_count_relevant,
-        ref_map,
-        ref_map_at_k,
-        ref_map_at_r,
-        ref_precision_at_k,
-        ref_r_precision,
-        ref_recall_at_k,
-    )
+from reference import (
+    ref_count_relevant,
+    ref_map,
+    ref_map_at_k,
+    ref_map_at_r,
+    ref_precision_at_k,
+    ref_r_precision,
+    ref_recall_at_k,
+)
 
 
 def _unit(x):
