@@ -191,3 +191,15 @@ def test_debug_shows_the_traceback(tmp_path):
     from clipret.errors import ClipretError
 
     assert isinstance(r.exception, ClipretError)
+
+
+def test_cli_reference_doc_is_current(tmp_path):
+    """docs/cli.md is generated from the app (the failure message says how to regenerate it)."""
+    out = tmp_path / "cli.md"
+    subprocess.run([sys.executable, "-m", "typer", "clipret.cli", "utils", "docs", "--name", "clipret",
+                    "--title", "clipret command-line reference", "--output", str(out)], check=True, capture_output=True)
+    doc = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+    assert out.read_text() == doc.read_text(), (
+        "docs/cli.md is stale: python -m typer clipret.cli utils docs --name clipret "
+        "--title 'clipret command-line reference' --output docs/cli.md"
+    )
