@@ -203,3 +203,27 @@ def test_cli_reference_doc_is_current(tmp_path):
         "docs/cli.md is stale: python -m typer clipret.cli utils docs --name clipret "
         "--title 'clipret command-line reference' --output docs/cli.md"
     )
+
+
+def test_query_and_evaluate_on_npy_never_import_torch(tmp_path):
+    from clipret import artifacts
+
+    v = np.eye(4, dtype=np.float32)
+    artifacts.save_embeddings(tmp_path / "g.npy", v, ["a/1", "a/2", "b/1", "b/2"], fingerprint="f")
+    artifacts.save_embeddings(tmp_path / "q.npy", v[:2], ["a/q", "b/q"], fingerprint="f")
+    code = (
+        "import sys\n"
+        "from clipret.cli import app\n"
+        "for args in (['query', 'q.npy', '--gallery', 'g.npy', '--k', '2', '--out', 'r.json'],\n"
+        "             ['evaluate', 'r.json', '--gallery', 'g.npy', '--k', '1', '--json'],\n"
+        "             ['evaluate', '--query', 'q.npy', '--gallery', 'g.npy', '--json']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, (args, e.code)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('no torch')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("no torch")
