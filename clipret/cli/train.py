@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -93,6 +94,7 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
     from clipret.train.loop import train
 
     state: dict[str, Any] = {}
+    bars = contextlib.ExitStack()
 
     def on_event(kind: str, payload: dict[str, Any]) -> None:
         if kind == "setup":
@@ -108,8 +110,8 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
                 _console.warn(f"excluded {len(payload['excluded'])} unreadable training image(s): {shown}")
             if payload["small_classes"]:
                 _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
-            state["bar"] = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "img/s")
-            state["advance"] = state["bar"].__enter__()
+            bar = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "img/s")
+            state["advance"] = bars.enter_context(bar)
             if payload["start_step"]:
                 state["advance"](payload["start_step"])
         elif kind == "step":
@@ -119,11 +121,8 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
 
-    try:
+    with bars:
         summary = train(cfg, resume=resume, overwrite=overwrite, on_event=on_event)
-    finally:
-        if "bar" in state:
-            state["bar"].__exit__(None, None, None)
     _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
 
 
