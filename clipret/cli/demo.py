@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ from clipret.cli._options import Json, Seed
 @_console.handle_errors
 def demo_command(
     workdir: Annotated[Path, typer.Option("--dir", help="Where to put the data, the run and the outputs.")] = Path("clipret-demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs for the tiny model.")] = 40,
+    epochs: Annotated[int, typer.Option(help="Training epochs for the tiny model.")] = 18,
     seed: Seed = 0,
     as_json: Json = False,
 ) -> None:
@@ -30,16 +31,18 @@ def demo_command(
 
     t0 = time.perf_counter()
     state: dict[str, Any] = {}
+    bars = contextlib.ExitStack()
 
     def on_train(kind: str, payload: dict[str, Any]) -> None:
         if kind == "setup":
-            state["bar"] = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss")
-            state["advance"] = state["bar"].__enter__()
+            state["advance"] = bars.enter_context(_console.progress_bar(payload["total_steps"], "train", "epoch", "loss"))
         elif kind == "step":
             state["advance"](1, epoch=payload["epoch"], loss=f"{payload['loss']:.2f}")
         elif kind == "done":
-            state.pop("bar").__exit__(None, None, None)
+            bars.close()
 
-    metrics = run_demo(workdir, epochs=epochs, seed=seed, on_stage=lambda s: _console.info(f"[bold]$[/] {s}"), on_train_event=on_train)
+    with bars:
+        metrics = run_demo(workdir, epochs=epochs, seed=seed, on_stage=lambda s: _console.info(f"[bold]$[/] {s}"),
+                           on_train_event=on_train)
     _console.print_metrics(metrics, "clipret demo: query vs gallery", as_json)
     _console.info(f"demo finished in {time.perf_counter() - t0:.0f}s; R@1 {metrics['recall@1']:.3f} vs chance {metrics['chance_recall@1']:.3f}")
