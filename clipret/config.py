@@ -23,7 +23,7 @@ class TrainConfig:
     model: str = "ViT-L-14"
     pretrained: str | None = None  # None: the model's usual tag
     pool: str = "gem"
-    gem_input: str = "softplus"
+    gem_input: str = "clamp"
     embed_dim: int = 512
     dropout: float = 0.1
     image_size: int | None = None

@@ -50,7 +50,7 @@ def train_command(
     model: Model = "ViT-L-14",
     pretrained: Pretrained = None,
     pool: Annotated[str, typer.Option(help="Pooling: gem, cls or mean.")] = "gem",
-    gem_input: Annotated[str, typer.Option(help="How GeM makes ViT tokens non-negative: softplus, shift or clamp.")] = "softplus",
+    gem_input: Annotated[str, typer.Option(help="How GeM makes ViT tokens non-negative: clamp (measured best, docs/gem.md), softplus or shift.")] = "clamp",
     embed_dim: Annotated[int, typer.Option(help="Output embedding size.")] = 512,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.1,
     image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the model's own.")] = None,

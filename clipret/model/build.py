@@ -29,7 +29,7 @@ class ModelSpec:
     clip_config: dict[str, Any]
     quick_gelu: bool = False
     pool: str = "gem"
-    gem_input: str = "softplus"
+    gem_input: str = "clamp"
     embed_dim: int = 512
     dropout: float = 0.1
     image_size: int | None = None
@@ -50,7 +50,7 @@ def make_spec(
     pretrained: str | None = None,
     *,
     pool: str = "gem",
-    gem_input: str = "softplus",
+    gem_input: str = "clamp",
     embed_dim: int = 512,
     dropout: float = 0.1,
     image_size: int | None = None,

@@ -28,7 +28,7 @@ class RetrievalNet(nn.Module):
         pool: str = "gem",
         embed_dim: int = 512,
         dropout: float = 0.1,
-        gem_input: str = "softplus",
+        gem_input: str = "clamp",
     ) -> None:
         super().__init__()
         if pool not in POOLS:
