@@ -124,13 +124,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
         "excluded": [{"id": i, "reason": r} for i, r in sorted(bad.items())],
     })
 
-    def checkpoint(epoch: int, batch: int) -> None:
+    def checkpoint(epoch: int, batch: int, losses: list[float]) -> None:
         if not runtime.is_main():
             return
         artifacts.save_checkpoint(out / CHECKPOINT_NAME, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "rng": capture_rng(),
             "best": best, "history": history, "config": cfg.to_dict(), "spec": spec.to_dict(), "classes": class_names,
+            "epoch_losses": losses,
         })
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -139,7 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
         loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + epoch))
         model.train()
-        losses: list[float] = []
+        # the mean loss of an epoch resumed mid-way still covers the steps before the crash
+        losses: list[float] = list(ckpt.get("epoch_losses", [])) if ckpt is not None and epoch == start_epoch and first else []
         t_epoch, seen = time.perf_counter(), 0
         for batch_no, batch in enumerate(loader, start=first):
             t0 = time.perf_counter()
@@ -163,7 +165,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
             on_event("step", {"step": step, "total": total_steps, "epoch": epoch + 1, "loss": losses[-1],
                               "lr": optimizer.param_groups[-1]["lr"], "img_s": len(images) / max(time.perf_counter() - t0, 1e-9), **info})
             if cfg.save_every and step % cfg.save_every == 0 and batch_no + 1 < epoch_lengths[epoch]:
-                checkpoint(epoch, batch_no + 1)
+                checkpoint(epoch, batch_no + 1, losses)
 
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
                                "lr": optimizer.param_groups[-1]["lr"], "mining": objective.mining(epoch),
@@ -184,7 +186,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
                 save_model(out, model, spec)
         if runtime.is_main():
             _write_history(out / METRICS_NAME, history)
-        checkpoint(epoch + 1, 0)
+        checkpoint(epoch + 1, 0, [])
         on_event("epoch", row)
 
     summary = {"best_epoch": best["epoch"], "best": next((r for r in history if r["epoch"] == best["epoch"]), {}),
