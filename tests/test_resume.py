@@ -29,6 +29,7 @@ TRAIN_ARGS = ["--model", str(TINY_RN), "--pretrained", "none", "--image-size", "
 def clipret(*args: str, kill_at: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("CLIPRET_FAULT_KILL", None)
+    env.pop("CLIPRET_DEBUG", None)
     if kill_at:
         env["CLIPRET_FAULT_KILL"] = kill_at
     return subprocess.run([sys.executable, "-m", "clipret", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)

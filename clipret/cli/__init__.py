@@ -12,7 +12,7 @@ import sys
 import typer
 
 from clipret import __version__
-from clipret.cli import demo, embed, evaluate, query, train
+from clipret.cli import _console, demo, embed, evaluate, query, train
 
 app = typer.Typer(
     name="clipret",
@@ -46,8 +46,7 @@ def _root(
         None, "--max-image-pixels", help="Refuse images with more pixels than this (decompression-bomb guard). Default 178956970."
     ),
 ) -> None:
-    if debug:
-        os.environ["CLIPRET_DEBUG"] = "1"
+    _console.set_debug(debug)
     if max_image_pixels is not None:
         if max_image_pixels <= 0:
             raise typer.BadParameter("must be positive", param_hint="--max-image-pixels")

@@ -26,8 +26,17 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_debug = False
+
+
+def set_debug(on: bool) -> None:
+    """Set by ``clipret --debug`` for this invocation (CLIPRET_DEBUG=1 in the environment also works)."""
+    global _debug
+    _debug = on
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("CLIPRET_DEBUG", "") not in {"", "0"}
+    return _debug or os.environ.get("CLIPRET_DEBUG", "") not in {"", "0"}
 
 
 def fail(message: str, code: int = 2) -> None:

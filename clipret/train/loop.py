@@ -77,7 +77,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
         if len(set(class_of)) < 2:
             raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
     class_names = sorted(set(class_of))
-    label_ids = np.array([class_names.index(c) for c in class_of], dtype=np.int64)
+    class_index = {c: n for n, c in enumerate(class_names)}
+    label_ids = np.array([class_index[c] for c in class_of], dtype=np.int64)
     train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
     p, warn_p = resolve_p(len(np.unique(label_ids[train_idx])), cfg.p)
 
@@ -90,7 +91,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
         model = create_encoder(spec)
     model.to(device)
 
-    sampler = PKBatchSampler(label_ids[train_idx], p, cfg.k, seed=cfg.seed, rank=runtime.rank(), world_size=runtime.world_size())
+    train_labels = label_ids[train_idx]
+    sampler = PKBatchSampler(train_labels, p, cfg.k, seed=cfg.seed, rank=runtime.rank(), world_size=runtime.world_size())
     aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
     train_ds = ImageFolderDataset(folder, [ids[i] for i in train_idx], train_transform(spec.preprocess, aug))
     objective = CircleObjective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch)
@@ -148,7 +150,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
             if batch["images"] is None:
                 continue
             images = batch["images"].to(device, non_blocking=True)
-            labels = torch.as_tensor(label_ids[train_idx][batch["indices"].numpy()], device=device)
+            labels = torch.as_tensor(train_labels[batch["indices"].numpy()], device=device)
             with runtime.autocast(device, amp):
                 emb = model(images)
             loss, info = objective(emb, labels, epoch)
