@@ -71,6 +71,15 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+def report_unreadable(items: list[dict[str, str]], action: str = "skipped", noun: str = "image") -> None:
+    """One warning line: how many files were unreadable, the first few with their reasons."""
+    if not items:
+        return
+    shown = "; ".join(f"{s['id']}: {s['reason']}" for s in items[:5])
+    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+    warn(f"{action} {len(items)} unreadable {noun}(s): {shown}{more}")
+
+
 @contextlib.contextmanager
 def progress_bar(total: int | None, description: str, *fields: str) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, **fields)``; extra ``fields`` are shown after the bar."""

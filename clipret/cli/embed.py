@@ -46,12 +46,5 @@ def embed_command(
                            workers=workers, device=device, amp=amp, strict=strict,
                            on_start=lambda n: advance(0, total=n), on_batch=advance)
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
-    _report_skipped(emb.skipped)
+    _console.report_unreadable(emb.skipped)
 
-
-def _report_skipped(skipped: list[dict[str, str]]) -> None:
-    if not skipped:
-        return
-    shown = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
-    more = f" (+{len(skipped) - 5} more, see the manifest)" if len(skipped) > 5 else ""
-    _console.warn(f"skipped {len(skipped)} unreadable image(s): {shown}{more}")

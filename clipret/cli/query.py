@@ -45,13 +45,12 @@ def query_command(
     if query.is_dir():
         if model is None:
             _console.fail("a query folder needs --model (the model the gallery was embedded with)")
-        from clipret.cli.embed import _report_skipped
         from clipret.inference import embed_folder
 
         with _console.progress_bar(None, "embed queries") as advance:
             q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp,
                              strict=strict, on_start=lambda n: advance(0, total=n), on_batch=advance)
-        _report_skipped(q.skipped)
+        _console.report_unreadable(q.skipped)
     else:
         q = artifacts.load_embeddings(query)
     for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):

@@ -105,9 +105,7 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
             )
             for w in payload["warnings"]:
                 _console.warn(w)
-            if payload["excluded"]:
-                shown = "; ".join(f"{e['id']}: {e['reason']}" for e in payload["excluded"][:5])
-                _console.warn(f"excluded {len(payload['excluded'])} unreadable training image(s): {shown}")
+            _console.report_unreadable(payload["excluded"], "excluded", "training image")
             if payload["small_classes"]:
                 _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
             bar = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "img/s")
