@@ -144,6 +144,8 @@ def test_offline_tag_fails_fast_with_instructions(monkeypatch):
 def test_unknown_model_and_tag_are_user_errors():
     with pytest.raises(ClipretError, match="unknown open_clip model"):
         make_spec("ViT-Q-99")
+    with pytest.raises(ClipretError, match="run folder written by `clipret train`"):
+        open_encoder("runs/does-not-exist")
     with pytest.raises(ClipretError, match="neither a file nor a known tag"):
         make_spec("ViT-B-32", "no-such-tag")
 

@@ -40,6 +40,9 @@ def clip_config_for(model: str) -> tuple[str, dict[str, Any]]:
         if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "embed_dim" not in cfg:
             raise ClipretError(f"{model} is not an open_clip model config (needs 'embed_dim' and 'vision_cfg')")
         return path.stem, cfg
+    if "/" in model or os.sep in model:
+        raise ClipretError(f"{model} not found: pass a run folder written by `clipret train`, an open_clip config JSON, "
+                           "or an open_clip model name such as ViT-B-32")
     cfg = open_clip.get_model_config(model)
     if cfg is None:
         close = [m for m in open_clip.list_models() if model.lower().replace("/", "-") in m.lower()][:5]
