@@ -379,3 +379,6 @@ def test_train_excludes_bad_training_images(tiny_dataset, tmp_path, monkeypatch)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1]
     assert (out / "model.safetensors").is_file()
+    excluded = json.loads((out / "excluded.json").read_text())  # every exclusion is kept, with its reason
+    assert sorted(e["id"] for e in excluded) == sorted(f"{first_class.name}/{n}" for n in invalid)
+    assert all(e["reason"] for e in excluded)

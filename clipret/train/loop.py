@@ -41,6 +41,7 @@ from clipret.train.validate import leave_one_out
 
 Event = Callable[[str, dict[str, Any]], None]
 METRICS_NAME = "metrics.jsonl"
+EXCLUDED_NAME = "excluded.json"  # training images left out by the validation pass, with reasons
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:
@@ -76,6 +77,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
         ids, class_of = [i for i, _ in kept], [c for _, c in kept]
         if len(set(class_of)) < 2:
             raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
+        if runtime.is_main():
+            artifacts.write_json(out / EXCLUDED_NAME, [{"id": i, "reason": r} for i, r in sorted(bad.items())])
     class_names = sorted(set(class_of))
     class_index = {c: n for n, c in enumerate(class_names)}
     label_ids = np.array([class_index[c] for c in class_of], dtype=np.int64)
