@@ -94,10 +94,15 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
     from clipret.train.loop import train
 
     state: dict[str, Any] = {}
-    bars = contextlib.ExitStack()
+    bars, checking = contextlib.ExitStack(), contextlib.ExitStack()
 
     def on_event(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "setup":
+        if kind == "check":
+            state["checked"] = checking.enter_context(_console.progress_bar(payload["total"], "check images"))
+        elif kind == "checked":
+            state["checked"](payload["n"])
+        elif kind == "setup":
+            checking.close()  # one live bar at a time
             _console.info(
                 f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
                 f"{payload['n_classes']} classes, {payload['n_val']} held out; P×K = {payload['p']}×{payload['k']}; "
@@ -119,7 +124,7 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
 
-    with bars:
+    with bars, checking:
         summary = train(cfg, resume=resume, overwrite=overwrite, on_event=on_event)
     _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
 

@@ -30,6 +30,8 @@ MAX_PIXELS = int(os.environ.get("CLIPRET_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
 # Explicit, not by accident: a truncated file is an error, and the bomb limit is ours.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Images over the limit are refused by load_rgb's own check; PIL's warning for them is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def set_max_pixels(limit: int) -> None:
@@ -77,20 +79,19 @@ def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | No
     if size == 0:
         return None, "empty file (0 bytes)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x
-                # the limit, and catch_warnings() is not thread-safe (check_images decodes in threads).
-                if img.width * img.height > MAX_PIXELS:
-                    raise Image.DecompressionBombError("image too large")
-                img.seek(0)  # animated: first frame
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img).copy(), None
+        with Image.open(path) as img:
+            # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x the
+            # limit, and turning that warning into an error with catch_warnings() is not
+            # thread-safe (check_images decodes in threads).
+            if img.width * img.height > MAX_PIXELS:
+                raise Image.DecompressionBombError("image too large")
+            img.seek(0)  # animated: first frame
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img).copy(), None
     except PermissionError:
         return None, "permission denied"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         return None, f"decompression bomb refused (over {MAX_PIXELS} pixels)"
     except UnidentifiedImageError:
         return None, "not an image (unrecognised format)"

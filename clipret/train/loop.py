@@ -2,7 +2,8 @@
 
 One function, :func:`train`, drives everything; it reports through an
 ``on_event(kind, payload)`` callback so the CLI can draw progress without
-the loop knowing about terminals. Kinds: "setup", "step", "epoch", "done".
+the loop knowing about terminals. Kinds: "check" and "checked" (the up-front
+image validation), "setup", "step", "epoch", "done".
 
 The loop is written to be resumable and rank-aware: every random choice is
 either seeded per epoch (sampler, loader) or captured in the checkpoint
@@ -71,7 +72,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on
     amp = runtime.resolve_amp(cfg.amp, device)
 
     ids, class_of, folder = training_set(cfg.root)
-    bad = check_images(folder, ids, workers=max(1, cfg.workers))
+    on_event("check", {"total": len(ids)})
+    bad = check_images(folder, ids, workers=max(1, cfg.workers), on_progress=lambda n: on_event("checked", {"n": n}))
     if bad:
         kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
         ids, class_of = [i for i, _ in kept], [c for _, c in kept]
