@@ -1,0 +1,142 @@
+"""Embeddings: ``x.npy`` (N, D) float32 L2-normalised rows, plus the ``x.json`` manifest.
+
+The manifest holds the ids (one per row), dim, the model fingerprint, flags
+and the skipped images. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipret import __version__
+from clipret.artifacts.atomic import atomic_open, read_json, write_json
+from clipret.errors import ClipretError
+
+EMBEDDINGS_FORMAT = "clipret.embeddings/1"
+
+
+def manifest_path(npy_path: str | os.PathLike[str]) -> Path:
+    """``gallery.npy`` -> ``gallery.json``."""
+    return Path(npy_path).with_suffix(".json")
+
+
+@dataclass
+class Embeddings:
+    """An (N, D) float32 matrix and what is known about it.
+
+    ``vectors`` may be a read-only memory map for large files. ``ids`` has one
+    entry per row. Optional manifest fields are ``None`` when the sidecar did
+    not carry them (embeddings made by other tools), which switches off the
+    checks that need them.
+    """
+
+    vectors: np.ndarray
+    ids: list[str]
+    fingerprint: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    path: Path | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def save_embeddings(
+    path: str | os.PathLike[str],
+    vectors: np.ndarray,
+    ids: Sequence[str],
+    *,
+    fingerprint: str | None,
+    flags: Mapping[str, Any] | None = None,
+    skipped: Sequence[Mapping[str, str]] = (),
+) -> Path:
+    """Write ``path`` (.npy, (N, D) float32) and its manifest, both atomically.
+
+    The manifest is written last, so a reader that finds a manifest also finds
+    the matching array.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise ClipretError(f"embeddings must be written to a .npy file, got {path}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"vectors {vectors.shape} do not match {len(ids)} ids")
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, vectors, allow_pickle=False)
+    manifest = {
+        "format": EMBEDDINGS_FORMAT,
+        "clipret_version": __version__,
+        "count": int(vectors.shape[0]),
+        "dim": int(vectors.shape[1]),
+        "dtype": "float32",
+        "normalized": True,
+        "model_fingerprint": fingerprint,
+        "flags": dict(flags or {}),
+        "ids": list(ids),
+        "skipped": [dict(s) for s in skipped],
+    }
+    write_json(manifest_path(path), manifest)
+    return path
+
+
+def load_embeddings(path: str | os.PathLike[str], *, mmap: bool = True, check_finite: bool = True) -> Embeddings:
+    """Read an embeddings .npy and its sidecar manifest, if there is one.
+
+    Without a sidecar, the row numbers ("0", "1", ...) become the ids. Raises
+    :class:`ClipretError` for a missing file, a wrong shape, a row count that
+    disagrees with the manifest, or non-finite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClipretError(f"embeddings file not found: {path}")
+    try:
+        vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ClipretError(f"cannot read {path} as a .npy array ({exc})") from None
+    if vectors.ndim != 2:
+        raise ClipretError(f"{path} holds an array of shape {vectors.shape}; expected (N, D)")
+    if vectors.dtype != np.float32:
+        vectors = np.asarray(vectors, dtype=np.float32)
+    if check_finite:
+        _check_finite(vectors, path)
+
+    side = manifest_path(path)
+    if not side.is_file():
+        return Embeddings(vectors, [str(i) for i in range(vectors.shape[0])], path=path)
+    meta = read_json(side, "manifest")
+    if not isinstance(meta, dict) or not isinstance(meta.get("ids"), list):
+        raise ClipretError(f"manifest {side} has no 'ids' list; it must hold at least {{\"ids\": [...]}}")
+    ids = [str(i) for i in meta["ids"]]
+    if len(ids) != vectors.shape[0]:
+        raise ClipretError(
+            f"{path} has {vectors.shape[0]} rows but its manifest {side.name} lists {len(ids)} ids; "
+            "re-run `clipret embed` to regenerate both"
+        )
+    if "dim" in meta and int(meta["dim"]) != vectors.shape[1]:
+        raise ClipretError(f"{path} has dim {vectors.shape[1]} but its manifest says {meta['dim']}")
+    return Embeddings(
+        vectors,
+        ids,
+        fingerprint=meta.get("model_fingerprint"),
+        flags=dict(meta.get("flags") or {}),
+        skipped=list(meta.get("skipped") or []),
+        path=path,
+    )
+
+
+def _check_finite(vectors: np.ndarray, path: Path, chunk: int = 65536) -> None:
+    for start in range(0, vectors.shape[0], chunk):
+        block = np.asarray(vectors[start : start + chunk])
+        if not np.isfinite(block).all():
+            row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+            raise ClipretError(f"{path} contains a non-finite value (row {row}); re-embed these images")
