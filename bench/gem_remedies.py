@@ -29,6 +29,7 @@ from clipret.data.layout import list_images, read_labels_csv
 from clipret.data.transforms import eval_transform
 from clipret.inference import embed_images
 from clipret.model.build import load_model
+from clipret.retrieval.ranking import full_ranking
 from clipret.train.loop import train
 
 SIZES = {"synthetic": 64, "fashion-mnist": 32}  # textures need 64 px; Fashion-MNIST is 28 px
@@ -67,7 +68,7 @@ def score(run: Path, root: Path) -> dict[str, float]:
         vecs, kept, _ = embed_images(net, root / "test" / split, ids, tf, workers=0)
         emb[split] = (vecs, np.array([labels[i] for i in kept]))
     (q, ql), (g, gl) = emb["query"], emb["gallery"]
-    m = metrics.evaluate_full(ql, gl, metrics.full_ranking(q, g), [1])
+    m = metrics.evaluate_full(ql, gl, full_ranking(q, g), [1])
     p = float(net.pool.p.detach()) if spec.pool == "gem" else float("nan")
     # How much of the patch-token signal is positive after training (what clamp keeps)?
     import torch

@@ -16,6 +16,7 @@ from clipret import metrics
 from clipret.artifacts import Embeddings
 from clipret.data.layout import labels_for
 from clipret.errors import ClipretError
+from clipret.retrieval.ranking import full_ranking
 
 
 def evaluate_results(
@@ -61,7 +62,7 @@ def evaluate_embeddings(
     parts: list[tuple[int, dict[str, float]]] = []
     for start in range(0, len(query), chunk):
         q = np.asarray(query.vectors[start : start + chunk], dtype=np.float32)
-        ranked = metrics.full_ranking(q, gal)
+        ranked = full_ranking(q, gal)
         part = metrics.evaluate_full(q_labels[start : start + chunk], g_labels, ranked, ks)
         parts.append((int(part["n_queries"] - part["n_queries_without_relevant"]), part))
     return _combine(parts)

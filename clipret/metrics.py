@@ -28,7 +28,6 @@ __all__ = [
     "r_precision",
     "rank_relevance",
     "count_relevant",
-    "full_ranking",
     "evaluate_topk",
     "evaluate_full",
 ]
@@ -168,27 +167,6 @@ def count_relevant(query_labels, gallery_labels) -> np.ndarray:
     """(Q,) labels, (G,) labels -> (Q,) int64 number of gallery items sharing each query's label."""
     q, g, n = _encode_labels(query_labels, gallery_labels)
     return np.bincount(g, minlength=n).astype(np.int64)[q]
-
-
-def full_ranking(query: np.ndarray, gallery: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Rank the whole gallery for every query by descending cosine similarity.
-
-    query: (Q, D), gallery: (G, D) float32, already L2-normalised. Returns
-    (Q, G) int64 gallery indices, best first; equal scores keep the lower
-    gallery index first (stable sort). Works on ``chunk`` queries at a time so
-    the score matrix held at once is at most (chunk, G).
-    """
-    query = np.asarray(query, dtype=np.float32)
-    gallery = np.asarray(gallery, dtype=np.float32)
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"need (Q, D) and (G, D) embeddings, got {query.shape} and {gallery.shape}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    out = np.empty((query.shape[0], gallery.shape[0]), dtype=np.int64)
-    for start in range(0, query.shape[0], chunk):
-        scores = query[start : start + chunk] @ gallery.T
-        out[start : start + chunk] = np.argsort(-scores, axis=1, kind="stable")
-    return out
 
 
 def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks) -> dict[str, float]:

@@ -5,6 +5,7 @@ from clipret import metrics
 from clipret.artifacts import Embeddings
 from clipret.errors import ClipretError
 from clipret.evaluation import evaluate_embeddings, evaluate_results
+from clipret.retrieval.ranking import full_ranking
 
 
 def _unit(n, d, seed):
@@ -28,13 +29,13 @@ def test_chunked_full_ranking_equals_one_chunk():
     for k in whole:
         assert chunked[k] == pytest.approx(whole[k], abs=1e-12), k
     direct = metrics.evaluate_full(np.array([labels[i] for i in q.ids]), np.array([labels[i] for i in g.ids]),
-                                   metrics.full_ranking(q.vectors, g.vectors), [1, 5])
+                                   full_ranking(q.vectors, g.vectors), [1, 5])
     assert whole["map"] == pytest.approx(direct["map"]) and whole["recall@5"] == pytest.approx(direct["recall@5"])
 
 
 def test_results_mode_equals_full_ranking_on_shared_metrics():
     q, g, labels = _data(seed=3)
-    ranked = metrics.full_ranking(q.vectors, g.vectors)
+    ranked = full_ranking(q.vectors, g.vectors)
     results = [{"filename": qid, "samples": [g.ids[j] for j in row[:10]]} for qid, row in zip(q.ids, ranked)]
     top = evaluate_results(results, labels, g.ids, [1, 5, 10])
     full = evaluate_embeddings(q, g, labels, [1, 5, 10])

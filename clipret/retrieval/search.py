@@ -14,36 +14,13 @@ from typing import Protocol
 
 import numpy as np
 
+from clipret.retrieval.ranking import merge_topk, topk_rows
+
 
 class Searcher(Protocol):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) float32 -> (scores (Q, k) float32, indices (Q, k) int64), best first."""
         ...
-
-
-def topk_rows(scores: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` columns of each row of (Q, G) ``scores``, descending; ties -> lower index.
-
-    Returns (values (Q, k'), column indices + offset (Q, k')) with k' = min(k, G).
-    """
-    g = scores.shape[1]
-    k = min(k, g)
-    if k < g:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    else:
-        part = np.broadcast_to(np.arange(g), scores.shape).copy()
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(vals, order, axis=1), idx.astype(np.int64) + offset
-
-
-def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two (scores, indices) neighbour lists of the same queries, keeping the best ``k``."""
-    vals = np.concatenate([a[0], b[0]], axis=1)
-    idx = np.concatenate([a[1], b[1]], axis=1)
-    order = np.lexsort((idx, -vals), axis=1)[:, :k]
-    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 class ExactSearcher:
@@ -54,8 +31,8 @@ class ExactSearcher:
     """
 
     def __init__(self, gallery: np.ndarray, *, query_chunk: int = 1024, gallery_chunk: int = 65536) -> None:
-        if gallery.ndim != 2:
-            raise ValueError(f"gallery must be (G, D), got {gallery.shape}")
+        if gallery.ndim != 2 or gallery.shape[0] == 0:
+            raise ValueError(f"gallery must be a non-empty (G, D) array, got {gallery.shape}")
         self.gallery = gallery
         self.query_chunk = query_chunk
         self.gallery_chunk = gallery_chunk
@@ -74,12 +51,10 @@ class ExactSearcher:
         out_i = np.empty((queries.shape[0], k), dtype=np.int64)
         for q0 in range(0, queries.shape[0], self.query_chunk):
             q = np.ascontiguousarray(queries[q0 : q0 + self.query_chunk], dtype=np.float32)
-            best: tuple[np.ndarray, np.ndarray] | None = None
-            for g0 in range(0, g, self.gallery_chunk):
+            best = topk_rows(q @ np.asarray(self.gallery[: self.gallery_chunk], dtype=np.float32).T, k)
+            for g0 in range(self.gallery_chunk, g, self.gallery_chunk):
                 block = np.asarray(self.gallery[g0 : g0 + self.gallery_chunk], dtype=np.float32)
-                cand = topk_rows(q @ block.T, k, offset=g0)
-                best = cand if best is None else merge_topk(best, cand, k)
-            assert best is not None
+                best = merge_topk(best, topk_rows(q @ block.T, k, offset=g0), k)
             out_s[q0 : q0 + len(q)], out_i[q0 : q0 + len(q)] = best
             if on_chunk is not None:
                 on_chunk(len(q))

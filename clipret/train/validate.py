@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from clipret import metrics
+from clipret.retrieval.ranking import full_ranking
 
 
 def leave_one_out(vectors: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
@@ -15,7 +16,7 @@ def leave_one_out(vectors: np.ndarray, labels: Sequence[str]) -> dict[str, float
     Images whose class has no other validation image are not counted.
     """
     labels_arr = np.asarray(labels)
-    ranking = metrics.full_ranking(vectors, vectors)  # (N, N), self first unless tied
+    ranking = full_ranking(vectors, vectors)  # (N, N), self first unless tied
     self_col = ranking == np.arange(len(vectors))[:, None]
     ranking = ranking[~self_col].reshape(len(vectors), len(vectors) - 1)
     relevance = metrics.rank_relevance(labels_arr, labels_arr, ranking)
