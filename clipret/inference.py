@@ -77,7 +77,7 @@ def embed_folder(
     shard_size: int = 8192,
     resume: bool = False,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     device: str = "auto",
     amp: str = "auto",
     strict: bool = False,
@@ -108,6 +108,7 @@ def embed_folder(
     ids = list_images(folder)
     encoder, spec, fingerprint = open_encoder(model, pretrained)
     parts = _prepare_parts(Path(out), ids, fingerprint, shard_size, resume) if out is not None else None
+    workers = runtime.resolve_workers(workers, len(ids))
     dev = runtime.resolve_device(device)
     amp_dtype = runtime.resolve_amp(amp, dev)
     transform = eval_transform(spec.preprocess)

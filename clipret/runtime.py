@@ -27,6 +27,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+MAX_AUTO_WORKERS = 8
+SMALL_JOB_IMAGES = 256  # below this, starting worker processes costs more than it saves
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | None, n_images: int | None = None) -> int:
+    """Data-loading worker processes: ``workers`` if given, else an automatic choice.
+
+    Automatic: the CPUs this process may use, capped at ``MAX_AUTO_WORKERS``;
+    0 (decode in the main process) for jobs under ``SMALL_JOB_IMAGES`` images.
+    """
+    if workers is not None:
+        if workers < 0:
+            raise ClipretError(f"--workers must be non-negative, got {workers}")
+        return workers
+    if n_images is not None and n_images < SMALL_JOB_IMAGES:
+        return 0
+    return min(available_cpus(), MAX_AUTO_WORKERS)
+
+
 def resolve_device(device: str = "auto") -> Any:
     """"auto" -> cuda if available, else cpu. Asking for cuda without one is a user error."""
     import torch

@@ -16,7 +16,10 @@ Pretrained = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Amp = Annotated[str, typer.Option(help="Mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none.")]
-Workers = Annotated[int, typer.Option(help="Data-loading worker processes.")]
+Workers = Annotated[
+    Optional[int],
+    typer.Option(help="Data-loading worker processes. Default: the CPUs this process may use (at most 8); 0 for small jobs.", show_default="auto"),
+]
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Seed = Annotated[int, typer.Option(help="Random seed (python, numpy, torch, sampler).")]
 TopK = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return per query.")]

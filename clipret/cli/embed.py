@@ -18,7 +18,7 @@ def embed_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy; a .json manifest is written beside it.")] = Path("embeddings.npy"),
     pretrained: Pretrained = None,
     batch_size: BatchSize = 64,
-    workers: Workers = 4,
+    workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail (exit 2, nothing written) if any image cannot be read.")] = False,

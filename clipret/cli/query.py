@@ -21,7 +21,7 @@ def query_command(
     pretrained: Pretrained = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
     batch_size: BatchSize = 64,
-    workers: Workers = 4,
+    workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail if any query image cannot be read.")] = False,
