@@ -135,13 +135,23 @@ def ref_gem(x, p, eps=1e-6):
 
 
 def ref_warmup_cosine(step, total, warmup):
-    """The LR multiplier written out case by case."""
+    """The LR multiplier of optimiser step ``step`` (0-based), from the schedule's definition.
+
+    Warmup: a straight ramp that is 1/warmup at step 0 (the first step
+    already moves) and reaches 1 at the last warmup step, ``warmup - 1``.
+    Then half a cosine, from 1 down to 0, spread over the ``total - warmup``
+    remaining steps (at least one), written here as cos² of half the angle
+    turned so far: (1 + cos a) / 2 = cos²(a / 2).
+    Past the end it stays at 0.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if progress > 1:
-        progress = 1.0
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    span = total - warmup if total > warmup else 1
+    into = step - warmup
+    if into >= span:
+        return 0.0
+    angle = math.pi * into / span
+    return math.cos(angle / 2) ** 2
 
 
 def ref_topk(queries, gallery, k):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clipret.model.build import build_encoder, make_spec
-from clipret.train.llrd import layer_depth, param_groups
+from clipret.train.llrd import current_lrs, layer_depth, param_groups
 from clipret.train.schedule import make_scheduler, warmup_cosine, warmup_steps_for
 from conftest import TINY_RN, TINY_VIT
 from reference import ref_warmup_cosine
@@ -44,12 +44,22 @@ def test_llrd_exact_lr_per_vit_block():
 
 
 def test_no_weight_decay_on_biases_norms_and_gem_p():
-    net = build_encoder(make_spec(str(TINY_VIT), "none"))
+    net = build_encoder(make_spec(str(TINY_VIT), "none"))  # 4 blocks
     groups = param_groups(net, 1e-3, 0.05)
-    for name, param in net.named_parameters():
-        wd = _lr_of(groups, param)["weight_decay"]
-        is_no_decay = name.endswith(".bias") or "ln_" in name or ".bn." in name or name == "pool.p" or param.ndim < 2
-        assert wd == (0.0 if is_no_decay else 0.05), name
+    v = "tower.visual."
+    block = [f"{v}transformer.resblocks.{i}." for i in range(4)]
+    decayed = {f"{v}conv1.weight", f"{v}positional_embedding", "head.fc.weight"}
+    decayed |= {b + w for b in block for w in ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")}
+    not_decayed = {f"{v}class_embedding", f"{v}ln_pre.weight", f"{v}ln_pre.bias", f"{v}ln_post.weight", f"{v}ln_post.bias",
+                   "pool.p", "head.bn.weight", "head.bn.bias"}
+    not_decayed |= {b + w for b in block for w in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.in_proj_bias",
+                                                    "attn.out_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")}
+    names = dict(net.named_parameters())
+    assert set(names) == decayed | not_decayed
+    for name in decayed:
+        assert _lr_of(groups, names[name])["weight_decay"] == 0.05, name
+    for name in not_decayed:
+        assert _lr_of(groups, names[name])["weight_decay"] == 0.0, name
 
 
 def test_llrd_resnet_stages():
@@ -91,5 +101,20 @@ def test_scheduler_applies_multiplier_to_each_group():
     for step in range(20):
         for g, b in zip(opt.param_groups, base):
             assert g["lr"] == pytest.approx(b * ref_warmup_cosine(step, 20, 4))
+        opt.step()
+        sched.step()
+
+
+def test_current_lrs_are_the_base_and_the_head_lr():
+    net = build_encoder(make_spec(str(TINY_VIT), "none"))
+    base, mult = 1e-3, 10.0
+    opt = torch.optim.AdamW(param_groups(net, base, 0.05, llrd=0.5, head_lr_mult=mult))
+    sched = make_scheduler(opt, total_steps=10, warmup_steps=2)
+    top_block = net.tower.visual.transformer.resblocks[3].attn.in_proj_weight
+    for step in range(10):
+        lr, head_lr = current_lrs(opt)
+        assert lr == pytest.approx(base * ref_warmup_cosine(step, 10, 2))
+        assert lr == pytest.approx(_lr_of(opt.param_groups, top_block)["lr"])  # the top block's LR, not the head's
+        assert head_lr == pytest.approx(mult * lr)
         opt.step()
         sched.step()

@@ -73,3 +73,16 @@ def param_groups(
         )
         group["params"].append(param)
     return [groups[k] for k in sorted(groups)]
+
+
+def current_lrs(optimizer: Any) -> tuple[float, float]:
+    """(base LR, head LR) of an optimiser built on :func:`param_groups`, as the schedule stands now.
+
+    The base LR is the one a group with ``lr_scale == 1`` has (the top block);
+    every group shares the schedule's multiplier, so it is any group's
+    ``lr / lr_scale``. The head LR is the head group's (base LR if none).
+    """
+    groups = optimizer.param_groups
+    base = next((g["lr"] / g["lr_scale"] for g in groups if g["lr_scale"] > 0), 0.0)
+    head = next((g["lr"] for g in groups if g["name"].startswith("head.")), base)
+    return float(base), float(head)
