@@ -10,3 +10,11 @@ class ClipretError(Exception):
 
     The message is one line and says what to do next.
     """
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), cut to ``limit``."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

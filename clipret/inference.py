@@ -101,12 +101,18 @@ def embed_folder(
     import shutil
 
     from clipret import artifacts, runtime
-    from clipret.data.layout import list_images
+    from clipret.data.layout import scan_images
     from clipret.data.transforms import eval_transform
     from clipret.model.build import open_encoder
 
-    ids = list_images(folder)
+    ids, unlisted = scan_images(folder)
+    if strict and unlisted:
+        raise ClipretError(f"{len(unlisted)} image(s) cannot be used (first: {unlisted[0]['id']}: {unlisted[0]['reason']}); "
+                           "nothing written (--strict)")
     encoder, spec, fingerprint = open_encoder(model, pretrained)
+    if out is not None:
+        # the shards in OUT.parts/ and the merged file exist side by side for a moment
+        artifacts.ensure_free_space(out, 2 * len(ids) * int(encoder.embed_dim) * 4 + (1 << 20), "the embeddings")
     parts = _prepare_parts(Path(out), ids, fingerprint, shard_size, resume) if out is not None else None
     workers = runtime.resolve_workers(workers, len(ids))
     dev = runtime.resolve_device(device)
@@ -139,7 +145,7 @@ def embed_folder(
             artifacts.save_embeddings(path, vectors, kept, fingerprint=fingerprint, skipped=skipped)
         shards.append(Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped))
 
-    skipped = [s for e in shards for s in e.skipped]
+    skipped = sorted(unlisted + [s for e in shards for s in e.skipped], key=lambda s: s["id"])
     kept = [i for e in shards for i in e.ids]
     if strict and skipped:
         fail_strict(skipped)

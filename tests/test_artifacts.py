@@ -89,3 +89,127 @@ def test_atomic_write_uses_rename_in_same_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", spy)
     artifacts.save_embeddings(tmp_path / "e.npy", _unit(2, 3), ["a", "b"], fingerprint=None)
     assert len(calls) == 2 and all(s == d == str(tmp_path) for s, d in calls)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_umask_mode_like_open_not_mkstemps_0600(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        artifacts.save_embeddings(tmp_path / "e.npy", _unit(2, 3), ["a", "b"], fingerprint=None)
+        artifacts.save_results(tmp_path / "r.json", ["q"], [["a"]], np.ones((1, 1), np.float32))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (os.stat(tmp_path / "plain").st_mode & 0o777) == want  # what a normal open() gives
+    for name in ("e.npy", "e.json", "r.json"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == want, name
+
+
+def test_model_folder_files_are_readable_by_the_group_and_others(tmp_path):
+    torch = pytest.importorskip("torch")
+    old = os.umask(0o022)
+    try:
+        artifacts.save_model_folder(tmp_path / "m", {"w": torch.ones(2)}, {"model": {}})
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (os.stat(tmp_path / "m" / name).st_mode & 0o777) == 0o644, name
+
+
+def test_manifest_records_a_digest_and_a_swapped_array_is_refused(tmp_path):
+    artifacts.save_embeddings(tmp_path / "g.npy", _unit(10, 4, seed=1), [str(i) for i in range(10)], fingerprint="A")
+    meta = json.loads((tmp_path / "g.json").read_text())
+    assert meta["content_digest"] == artifacts.array_digest(_unit(10, 4, seed=1))
+    assert artifacts.load_embeddings(tmp_path / "g.npy").digest == meta["content_digest"]
+    np.save(tmp_path / "g.npy", _unit(10, 4, seed=2))  # same shape, other vectors, old manifest
+    with pytest.raises(ClipretError, match="does not match its manifest"):
+        artifacts.load_embeddings(tmp_path / "g.npy")
+
+
+def test_array_digest_changes_when_any_sampled_row_or_the_shape_changes():
+    v = _unit(1000, 8)
+    base = artifacts.array_digest(v)
+    assert artifacts.array_digest(v.copy()) == base
+    w = v.copy()
+    w[999, 0] += 1e-3  # the last row is always sampled
+    assert artifacts.array_digest(w) != base
+    assert artifacts.array_digest(v[:999]) != base
+    assert artifacts.array_digest(np.zeros((0, 8), np.float32)) != artifacts.array_digest(np.zeros((0, 4), np.float32))
+
+
+def test_kill_between_the_two_renames_leaves_a_pair_that_is_refused(tmp_path):
+    """Re-embedding the same ids with another model, killed after the .npy rename, before the manifest's."""
+    import subprocess
+    import sys
+
+    artifacts.save_embeddings(tmp_path / "g.npy", _unit(6, 4, seed=1), list("abcdef"), fingerprint="old-model")
+    code = (
+        "import numpy as np; from clipret import artifacts; "
+        "v = np.random.default_rng(9).standard_normal((6, 4)).astype(np.float32); "
+        "v /= np.linalg.norm(v, axis=1, keepdims=True); "
+        f"artifacts.save_embeddings({str(tmp_path / 'g.npy')!r}, v, list('abcdef'), fingerprint='new-model')"
+    )
+    env = {**os.environ, "CLIPRET_FAULT_KILL": "after-rename:g.npy:1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert proc.returncode == -9  # SIGKILL, between the renames
+    assert json.loads((tmp_path / "g.json").read_text())["model_fingerprint"] == "old-model"
+    with pytest.raises(ClipretError, match="does not match its manifest"):
+        artifacts.load_embeddings(tmp_path / "g.npy")
+
+
+def test_disk_full_during_a_write_is_one_line_naming_the_file_and_size(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "e.npy"
+    artifacts.save_embeddings(target, _unit(3, 4), ["a", "b", "c"], fingerprint=None)
+    before = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ClipretError) as info:
+        artifacts.save_embeddings(target, _unit(1000, 64), [str(i) for i in range(1000)], fingerprint=None)
+    msg = str(info.value)
+    assert "no space left on device writing" in msg and str(target) in msg and "256.0 kB" in msg
+    assert "\n" not in msg
+    assert target.read_bytes() == before  # nothing lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.npy"]  # no temp file left
+
+
+def test_torch_style_disk_full_errors_are_recognised(tmp_path):
+    with pytest.raises(ClipretError, match="no space left on device writing .*ckpt.pt"):
+        with artifacts.atomic_path(tmp_path / "ckpt.pt", size_hint=10**9):
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed")
+
+
+def test_output_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ClipretError, match="a parent of it is a file") as info:
+        artifacts.write_json(tmp_path / "afile" / "sub" / "r.json", [])
+    assert str(tmp_path / "afile") in str(info.value)
+
+
+def test_free_space_check_refuses_before_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(ClipretError, match=r"needs ~2.0 MB, 5.0 kB free"):
+        artifacts.ensure_free_space(tmp_path / "new" / "deeper" / "x.npy", 2_000_000, "the embeddings")
+    artifacts.ensure_free_space(tmp_path / "x.npy", 4000, "the embeddings")  # fits: no error
+
+
+def test_unreadable_checkpoint_with_an_empty_message_is_one_line(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    (tmp_path / "checkpoint.pt").write_bytes(b"junk")
+
+    def boom(*a, **k):
+        raise RuntimeError("")
+
+    monkeypatch.setattr(torch, "load", boom)
+    with pytest.raises(ClipretError, match=r"unreadable \(RuntimeError\)"):
+        artifacts.load_checkpoint(tmp_path / "checkpoint.pt")

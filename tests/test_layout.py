@@ -54,3 +54,51 @@ def test_unsafe_ids_are_rejected(tmp_path, bad):
 
 def test_safe_id_maps_under_folder(tmp_path):
     assert id_to_path(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
+
+
+def test_symlink_loop_does_not_multiply_the_gallery(tmp_path):
+    import os
+
+    for name in ["a/1.jpg", "a/2.jpg", "b/3.jpg", "4.jpg", "5.jpg"]:
+        _touch(tmp_path / name)
+    os.symlink(".", tmp_path / "loop")  # loop -> the folder itself
+    os.symlink("..", tmp_path / "a" / "up")  # a/up -> the folder again, from below
+    assert list_images(tmp_path) == ["4.jpg", "5.jpg", "a/1.jpg", "a/2.jpg", "b/3.jpg"]
+
+
+def test_link_to_a_sibling_lists_its_images_once_under_their_real_path(tmp_path):
+    import os
+
+    for name in ["real/1.jpg", "real/2.jpg"]:
+        _touch(tmp_path / "g" / name)
+    os.symlink("real", tmp_path / "g" / "alias")
+    assert list_images(tmp_path / "g") == ["real/1.jpg", "real/2.jpg"]
+
+
+def test_link_to_a_folder_outside_is_followed_once(tmp_path):
+    import os
+
+    _touch(tmp_path / "elsewhere" / "x.jpg")
+    (tmp_path / "g").mkdir()
+    _touch(tmp_path / "g" / "own.jpg")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "g" / "ext1")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "g" / "ext2")  # the same target again
+    os.symlink(tmp_path / "g", tmp_path / "elsewhere" / "back")  # and a loop back into the gallery
+    assert list_images(tmp_path / "g") == ["ext1/x.jpg", "own.jpg"]
+
+
+def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
+    import os
+
+    from clipret.data.layout import scan_images
+
+    _touch(tmp_path / "ok.png")
+    bad = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    with open(bad, "wb") as fh:
+        fh.write(b"x")
+    ids, skipped = scan_images(tmp_path)
+    assert ids == ["ok.png"]
+    assert skipped == [{"id": "caf\\xe9.png", "reason": "file name is not valid UTF-8; rename the file"}]
+    import json
+
+    json.dumps(skipped, ensure_ascii=False).encode("utf-8")  # manifest-safe

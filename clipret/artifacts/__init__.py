@@ -19,13 +19,23 @@ torch is imported only inside the functions that need it, so ``query`` and
 from clipret.artifacts.atomic import (
     atomic_open,
     atomic_path,
+    ensure_free_space,
+    human_bytes,
     read_json,
     remove_stale_temps,
     sha256_file,
     sha256_text,
     write_json,
 )
-from clipret.artifacts.embeddings import EMBEDDINGS_FORMAT, Embeddings, load_embeddings, manifest_path, save_embeddings
+from clipret.artifacts.embeddings import (
+    EMBEDDINGS_FORMAT,
+    Embeddings,
+    array_digest,
+    ids_digest,
+    load_embeddings,
+    manifest_path,
+    save_embeddings,
+)
 from clipret.artifacts.model import (
     CONFIG_NAME,
     MODEL_FORMAT,
@@ -37,11 +47,12 @@ from clipret.artifacts.model import (
     save_checkpoint,
     save_model_folder,
 )
-from clipret.artifacts.results import load_results, save_results
+from clipret.artifacts.results import RESULTS_FORMAT, load_results, load_results_meta, results_meta_path, save_results
 
 __all__ = [
-    "Embeddings", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
+    "Embeddings", "array_digest", "ids_digest", "load_results_meta", "results_meta_path", "RESULTS_FORMAT", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
     "save_model_folder", "read_model_config", "load_weights_file", "fingerprint_of", "save_checkpoint",
     "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
-    "sha256_file", "sha256_text", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
+    "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
+    "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
 ]

@@ -1,7 +1,9 @@
 """Atomic file writes and small read helpers shared by every artifact.
 
 A write goes to a temporary file in the target folder, is flushed and
-fsynced, then renamed over the final name; the folder is fsynced too. A
+fsynced, then renamed over the final name; the folder is fsynced too. The
+file gets the permissions a plain ``open()`` would give it (0666 minus the
+process umask), not ``mkstemp``'s private 0600. A
 process killed at any moment leaves the old file or the complete new one,
 plus at worst a hidden ``.NAME.*.tmp`` that :func:`remove_stale_temps` clears.
 """
@@ -9,16 +11,32 @@ plus at worst a hidden ``.NAME.*.tmp`` that :func:`remove_stale_temps` clears.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from clipret import _fault
-from clipret.errors import ClipretError
+from clipret.errors import ClipretError, first_line
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by a quick swap."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,42 +48,100 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_DISK_FULL_HINTS = ("no space left", "storagefull", "file write failed", "disk quota")
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as df and file managers show)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def write_error(path: str | os.PathLike[str], exc: BaseException, size_hint: int | None = None) -> ClipretError:
+    """One line naming the output file and the cause of a failed write, saying what to do."""
+    text = str(exc).lower()
+    errno_ = getattr(exc, "errno", None)
+    if errno_ in (errno.ENOSPC, errno.EDQUOT) or any(h in text for h in _DISK_FULL_HINTS):
+        needs = f" (needs ~{human_bytes(size_hint)})" if size_hint else ""
+        return ClipretError(f"no space left on device writing {path}{needs}; free some space and rerun "
+                            "(train and embed continue with --resume)")
+    if errno_ in (errno.ENOTDIR, errno.EEXIST) or isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return ClipretError(f"cannot write {path}: a parent of it is a file, not a folder ({exc.filename or path}); "
+                            "choose another output path")
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ClipretError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}; choose a writable output path")
+    reason = getattr(exc, "strerror", None) or first_line(exc)
+    return ClipretError(f"cannot write {path}: {reason}")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or any(h in str(exc).lower() for h in _DISK_FULL_HINTS)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     Use this for writers that want a file name (safetensors, faiss). On error
-    the temporary file is removed and ``path`` is left untouched.
+    the temporary file is removed and ``path`` is left untouched. A failed
+    write (a full disk, a parent that is a file, no permission) becomes a
+    one-line :class:`ClipretError` naming ``path``; ``size_hint`` (bytes) is
+    quoted when the disk is full.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise write_error(final, exc, size_hint) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
+            # mkstemp (and some writers' own temp files) give 0600; a plain open() would give
+            # 0666 minus the umask, so do the same, after the writer is done with the path.
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             fh.flush()
             os.fsync(fh.fileno())
         _fault.maybe_kill("before-rename", final.name)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         _fault.maybe_kill("after-rename", final.name)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, Exception) and not isinstance(exc, ClipretError) and _is_write_failure(exc):
+            raise write_error(final, exc, size_hint) from exc
         raise
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", size_hint: int | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file for writing; it replaces ``path`` only when the block succeeds."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint) as tmp:
         kwargs = {"encoding": "utf-8"} if "b" not in mode else {}
         with open(tmp, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Refuse up front when the file system holding ``path`` has less than ``needed`` bytes free."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # cannot tell: let the write itself report
+    if free < needed:
+        raise ClipretError(f"not enough free space for {what} at {path}: needs ~{human_bytes(needed)}, "
+                           f"{human_bytes(free)} free; free some space or choose another --out")
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> int:

@@ -6,6 +6,7 @@ and the skipped images. Both files are written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,10 +16,33 @@ from typing import Any
 import numpy as np
 
 from clipret import __version__
-from clipret.artifacts.atomic import atomic_open, read_json, write_json
+from clipret.artifacts.atomic import atomic_open, read_json, sha256_text, write_json
 from clipret.errors import ClipretError
 
 EMBEDDINGS_FORMAT = "clipret.embeddings/1"
+DIGEST_ROWS = 64  # rows sampled by array_digest
+
+
+def array_digest(vectors: np.ndarray) -> str:
+    """A cheap content digest of an (N, D) array: its shape and dtype plus 64 evenly spaced rows.
+
+    Reads at most 64 rows, so checking a memory-mapped million-row file costs
+    milliseconds. It ties a manifest to the array it was written with: a
+    re-embed with another model changes every row, so an array swapped in
+    beside an old manifest is caught. (It is not a cryptographic seal over
+    every byte; the row count and dim are checked separately.)
+    """
+    h = hashlib.sha256(f"{vectors.shape}|{vectors.dtype.str}|".encode())
+    n = vectors.shape[0]
+    if n:
+        rows = np.unique(np.linspace(0, n - 1, num=min(n, DIGEST_ROWS)).round().astype(np.int64))
+        h.update(np.ascontiguousarray(vectors[rows]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the ids, one per line, in order: names an id list without storing it."""
+    return sha256_text("\n".join(ids))
 
 
 def manifest_path(npy_path: str | os.PathLike[str]) -> Path:
@@ -42,6 +66,7 @@ class Embeddings:
     flags: dict[str, Any] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     path: Path | None = None
+    digest: str | None = None  # array_digest of the vectors, as recorded in the manifest
 
     @property
     def dim(self) -> int:
@@ -62,8 +87,9 @@ def save_embeddings(
 ) -> Path:
     """Write ``path`` (.npy, (N, D) float32) and its manifest, both atomically.
 
-    The manifest is written last, so a reader that finds a manifest also finds
-    the matching array.
+    The array is written first and the manifest last. The manifest records
+    the array's :func:`array_digest`, so a pair left inconsistent by a kill
+    between the two renames (new array, old manifest) is refused on load.
     """
     path = Path(path)
     if path.suffix != ".npy":
@@ -71,7 +97,7 @@ def save_embeddings(
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
         raise ValueError(f"vectors {vectors.shape} do not match {len(ids)} ids")
-    with atomic_open(path, "wb") as fh:
+    with atomic_open(path, "wb", size_hint=vectors.nbytes) as fh:
         np.save(fh, vectors, allow_pickle=False)
     manifest = {
         "format": EMBEDDINGS_FORMAT,
@@ -80,6 +106,7 @@ def save_embeddings(
         "dim": int(vectors.shape[1]),
         "dtype": "float32",
         "normalized": True,
+        "content_digest": array_digest(vectors),
         "model_fingerprint": fingerprint,
         "flags": dict(flags or {}),
         "ids": list(ids),
@@ -124,6 +151,12 @@ def load_embeddings(path: str | os.PathLike[str], *, mmap: bool = True, check_fi
         )
     if "dim" in meta and int(meta["dim"]) != vectors.shape[1]:
         raise ClipretError(f"{path} has dim {vectors.shape[1]} but its manifest says {meta['dim']}")
+    digest = meta.get("content_digest")
+    if digest is not None and digest != array_digest(vectors):
+        raise ClipretError(
+            f"{path} does not match its manifest {side.name} (the pair was interrupted mid-write, or one file was "
+            "replaced); re-run `clipret embed` to regenerate both"
+        )
     return Embeddings(
         vectors,
         ids,
@@ -131,6 +164,7 @@ def load_embeddings(path: str | os.PathLike[str], *, mmap: bool = True, check_fi
         flags=dict(meta.get("flags") or {}),
         skipped=list(meta.get("skipped") or []),
         path=path,
+        digest=digest,
     )
 
 

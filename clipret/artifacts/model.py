@@ -16,7 +16,7 @@ from typing import Any
 
 from clipret import __version__
 from clipret.artifacts.atomic import atomic_path, read_json, sha256_file, write_json
-from clipret.errors import ClipretError
+from clipret.errors import ClipretError, first_line
 
 MODEL_FORMAT = "clipret.model/1"
 CONFIG_NAME = "config.json"
@@ -33,9 +33,9 @@ def save_model_folder(folder: str | os.PathLike[str], state_dict: Mapping[str, A
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(folder / WEIGHTS_NAME) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(folder / WEIGHTS_NAME, size_hint=size) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {k: v for k, v in config.items() if k != "fingerprint"}
     fingerprint = fingerprint_of(config, sha256_file(folder / WEIGHTS_NAME))
@@ -82,7 +82,7 @@ def load_weights_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError variants
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise ClipretError(
             f"refusing to load {path}: it is not a plain weights file ({msg}); "
             "convert it to .safetensors, or pass --pretrained none"
@@ -98,8 +98,21 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     """Write a training checkpoint atomically (tensors, numbers, strings, lists, dicts only)."""
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=_tensor_bytes(state)) as tmp:
         torch.save(dict(state), tmp)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors inside nested dicts/lists (the size of a checkpoint, roughly)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -111,4 +124,5 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ClipretError(f"checkpoint {path} is unreadable ({str(exc).splitlines()[0]}); delete it to start over") from None
+        reason = first_line(exc)
+        raise ClipretError(f"checkpoint {path} is unreadable ({reason}); delete it to start over") from None

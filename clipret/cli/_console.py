@@ -18,8 +18,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from clipret.errors import ClipretError
+from clipret.errors import ClipretError, first_line
 
 out = Console()
 err = Console(stderr=True)
@@ -39,9 +40,14 @@ def debug_enabled() -> bool:
     return _debug or os.environ.get("CLIPRET_DEBUG", "") not in {"", "0"}
 
 
+def _line(label: str, style: str, message: str) -> Text:
+    """``label message`` with only the label styled: the message is data (file names, ids), never markup."""
+    return Text.assemble((label, style), " ", message) if label else Text(message)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` on one line of stderr and exit (2 = bad input)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -56,6 +62,11 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 raise
             fail(str(exc))
+        except OSError as exc:  # an I/O failure outside the atomic writers: still one line
+            if debug_enabled():
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            fail(f"{exc.strerror or first_line(exc)}{where}")
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -63,12 +74,13 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def info(message: str) -> None:
-    err.print(message, highlight=False, soft_wrap=True)
+def info(message: str, label: str = "", style: str = "bold") -> None:
+    """One line on stderr; ``message`` is printed as plain text (never parsed as markup)."""
+    err.print(_line(label, style, message), highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(_line("warning:", "yellow", message), highlight=False, soft_wrap=True)
 
 
 def report_unreadable(items: list[dict[str, str]], action: str = "skipped", noun: str = "image") -> None:
@@ -101,9 +113,9 @@ def print_metrics(metrics: dict[str, Any], title: str, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
         return
-    table = Table(title=title, show_header=True, header_style="bold")
+    table = Table(title=Text(title), show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(Text(key), Text(f"{value:.4f}" if isinstance(value, float) else str(value)))
     out.print(table)

@@ -42,7 +42,7 @@ def demo_command(
             bars.close()
 
     with bars:
-        metrics = run_demo(workdir, epochs=epochs, seed=seed, on_stage=lambda s: _console.info(f"[bold]$[/] {s}"),
+        metrics = run_demo(workdir, epochs=epochs, seed=seed, on_stage=lambda s: _console.info(s, label="$"),
                            on_train_event=on_train)
     _console.print_metrics(metrics, "clipret demo: query vs gallery", as_json)
     _console.info(f"demo finished in {time.perf_counter() - t0:.0f}s; R@1 {metrics['recall@1']:.3f} vs chance {metrics['chance_recall@1']:.3f}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from clipret.cli import _console
 from clipret.cli._options import Json
+from clipret.errors import ClipretError
 
 
 @_console.handle_errors
@@ -16,17 +17,22 @@ def evaluate_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="results.json to score (omit with --query/--gallery).", show_default=False)] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="CSV of filename,label for query and gallery ids. Default: class subfolders in the ids.")] = None,
     query: Annotated[Optional[Path], typer.Option("--query", "-q", help="Query embeddings .npy (scores the full ranking).")] = None,
-    gallery: Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery embeddings .npy (full ranking, or the gallery ids for results.json).")] = None,
-    k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs, e.g. --k 1 5 10 (or --k 1 --k 5).")] = None,
+    gallery: Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery embeddings .npy: the full ranking's gallery, or the gallery results.json was searched in (default: the one its sidecar names).")] = None,
+    gallery_from_labels: Annotated[bool, typer.Option(help="For a results.json without a sidecar: take every labelled id that is not a query as the gallery.")] = False,
+    k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from different model fingerprints (warns).")] = False,
     as_json: Json = False,
 ) -> None:
     """Score retrieval against labels.
 
+    R (the relevant items per query) is counted over the whole gallery, so
+    scoring a results.json needs its gallery: from --gallery, or from the
+    results.json.json sidecar that `clipret query` writes.
+
     Examples:
 
+    \b
       clipret evaluate results.json --labels labels.csv --k 1 5 10
-
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --json
     """
     from clipret import artifacts, evaluation
@@ -43,14 +49,12 @@ def evaluate_command(
         if query is not None or len(files) > 1:
             _console.fail("give either one results.json or --query/--gallery, not both")
         results = artifacts.load_results(files[0])
-        gal = artifacts.load_embeddings(gallery, check_finite=False) if gallery else None
+        query_ids = [str(r["filename"]) for r in results]
         if label_map is None:
-            ids = [r["filename"] for r in results] + [s for r in results for s in r["samples"]] + (gal.ids if gal else [])
-            label_map = folder_labels(ids)
-            if gal is None:
-                _console.fail("without --labels, pass --gallery g.npy so every gallery item (and so R) is known")
-        query_ids = {str(r["filename"]) for r in results}
-        gallery_ids = gal.ids if gal else sorted(i for i in label_map if i not in query_ids)
+            gallery_ids = _results_gallery(files[0], gallery, gallery_from_labels, None, query_ids)
+            label_map = folder_labels(query_ids + gallery_ids)
+        else:
+            gallery_ids = _results_gallery(files[0], gallery, gallery_from_labels, label_map, query_ids)
         metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks)
         title = f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
@@ -65,3 +69,41 @@ def evaluate_command(
         _console.fail("nothing to score: pass results.json, or --query q.npy --gallery g.npy")
         return
     _console.print_metrics(metrics, title, as_json)
+
+
+def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool, label_map: Any, query_ids: list[str]) -> list[str]:
+    """The whole gallery a results file was searched in, in order; never a silent guess."""
+    from clipret import artifacts
+
+    meta = artifacts.load_results_meta(results_path)
+    recorded = (meta or {}).get("gallery") or {}
+    if gallery is not None:
+        ids = artifacts.load_embeddings(gallery, check_finite=False).ids
+        if recorded.get("ids_sha256") and recorded["ids_sha256"] != artifacts.ids_digest(ids):
+            raise _mismatch(results_path, gallery, recorded)
+        return ids
+    if recorded.get("path"):
+        path = Path(recorded["path"])
+        if not path.is_file():
+            raise ClipretError(f"{results_path} was searched in {path}, which no longer exists; pass --gallery")
+        ids = artifacts.load_embeddings(path, check_finite=False).ids
+        if recorded.get("ids_sha256") != artifacts.ids_digest(ids):
+            raise _mismatch(results_path, path, recorded)
+        return ids
+    if from_labels:
+        if label_map is None:
+            raise ClipretError("--gallery-from-labels needs --labels")
+        queries = set(query_ids)
+        return sorted(i for i in label_map if i not in queries)
+    raise ClipretError(
+        f"{results_path} does not say which gallery it was searched in (no results.json.json sidecar), and R, "
+        "the number of relevant items per query, depends on the whole gallery; pass --gallery g.npy, or "
+        "--gallery-from-labels to take every labelled id that is not a query"
+    )
+
+
+def _mismatch(results_path: str, gallery: Path, recorded: dict[str, Any]) -> ClipretError:
+    return ClipretError(
+        f"{gallery} is not the gallery {results_path} was searched in (its sidecar records {recorded.get('count')} "
+        f"ids from {recorded.get('path')}); pass the same gallery"
+    )

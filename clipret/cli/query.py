@@ -15,9 +15,9 @@ from clipret.cli._options import Amp, BatchSize, Device, Pretrained, TopK, Worke
 def query_command(
     query: Annotated[Path, typer.Argument(help="Query embeddings (.npy with its .json manifest) or a folder of images.")],
     gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery embeddings .npy from `clipret embed`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write.")] = Path("results.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write (and its sidecar results.json.json).")] = Path("results.json"),
     k: TopK = 10,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`); not used for .npy queries.")] = None,
     pretrained: Pretrained = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
     batch_size: BatchSize = 64,
@@ -29,19 +29,23 @@ def query_command(
     """Retrieve the top-k gallery items for each query by exact cosine similarity.
 
     Writes a list of {"filename": query_id, "samples": [gallery ids, best first],
-    "scores": [cosine, ...]}.
+    "scores": [cosine, ...]}, and beside it results.json.json recording the query,
+    the gallery and the settings (so `clipret evaluate results.json` knows the gallery).
 
     Example:
 
+    \b
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --k 10 --out results.json
     """
     from clipret import artifacts
-    from clipret.retrieval.compat import check_compatible
+    from clipret.retrieval.compat import check_compatible, describe
     from clipret.retrieval.search import ExactSearcher
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
     gal = artifacts.load_embeddings(gallery)
+    if len(gal) == 0:
+        _console.fail(f"the gallery {gallery} holds no embeddings; embed a folder with images first")
     if query.is_dir():
         if model is None:
             _console.fail("a query folder needs --model (the model the gallery was embedded with)")
@@ -52,11 +56,16 @@ def query_command(
                              strict=strict, on_start=lambda n: advance(0, total=n), on_batch=advance)
         _console.report_unreadable(q.skipped)
     else:
+        for name, value in (("--model", model), ("--pretrained", pretrained)):
+            if value is not None:
+                _console.warn(f"{name} is ignored: the queries in {query} are embeddings already")
         q = artifacts.load_embeddings(query)
     for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):
         _console.warn(w)
     with _console.progress_bar(len(q), "search") as advance:
         scores, idx = ExactSearcher(gal.vectors).search(q.vectors, k, on_chunk=advance)
     samples = [[gal.ids[j] for j in row] for row in idx]
-    artifacts.save_results(out, q.ids, samples, scores)
+    meta = {"k": k, "score": "cosine similarity", "query": describe(q, query), "gallery": describe(gal, gallery),
+            "stages": {}}
+    artifacts.save_results(out, q.ids, samples, scores, meta=meta)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")

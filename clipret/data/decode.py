@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from clipret.errors import first_line
+
 DEFAULT_MAX_PIXELS = 178_956_970  # about 13k x 13k, 3x PIL's own default
 MAX_PIXELS = int(os.environ.get("CLIPRET_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS))
 
@@ -96,7 +98,7 @@ def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | No
     except UnidentifiedImageError:
         return None, "not an image (unrecognised format)"
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = first_line(exc)
         if "truncated" in detail.lower():
             return None, "truncated image"
         return None, f"corrupt image ({detail})"

@@ -26,27 +26,74 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: str | os.PathLike[str]) -> list[str]:
-    """Sorted ids (relative POSIX paths) of every image file under ``folder``.
+def scan_images(folder: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Find every image file under ``folder``: (sorted ids, skipped files with reasons).
 
-    Hidden files and folders are ignored. Broken symlinks with an image
-    extension are listed, so that decoding can report them as skipped.
+    Ids are relative POSIX paths. Hidden files and folders are ignored.
+    Broken symlinks with an image extension are listed, so that decoding can
+    report them as skipped. A file whose name is not valid UTF-8 cannot be an
+    id (manifests are UTF-8 JSON): it is skipped with that reason, shown with
+    its bad bytes escaped (``caf\\xe9.png``).
+
+    Directory symlinks are followed at most once each, by real path: a link
+    whose target lies inside ``folder`` is not followed (the target is listed
+    under its own path), nor is a link to a folder already listed, so a link
+    loop cannot multiply the images. Links to folders outside are followed.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipretError(f"folder not found: {folder}")
+    root_real = os.path.realpath(folder)
+    visited = {root_real}
     ids: list[str] = []
+    skipped: list[dict[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if os.path.islink(full) and (_inside(real, root_real) or real in visited):
+                continue
+            if real in visited:
+                continue
+            visited.add(real)
+            kept.append(d)
+        dirnames[:] = kept
         rel = Path(dirpath).relative_to(folder)
         for name in filenames:
-            if not name.startswith(".") and is_image_name(name):
-                ids.append((PurePosixPath(*rel.parts) / name).as_posix())
+            if name.startswith(".") or not is_image_name(name):
+                continue
+            image_id = (PurePosixPath(*rel.parts) / name).as_posix()
+            if not _is_utf8(image_id):
+                shown = os.fsencode(image_id).decode("utf-8", "backslashreplace")
+                skipped.append({"id": shown, "reason": "file name is not valid UTF-8; rename the file"})
+                continue
+            ids.append(image_id)
     ids.sort()
     if not ids:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ClipretError(f"no images found in {folder} (looked for {exts})")
-    return ids
+        extra = f"; {len(skipped)} file(s) skipped, first: {skipped[0]['id']}: {skipped[0]['reason']}" if skipped else ""
+        raise ClipretError(f"no images found in {folder} (looked for {exts}){extra}")
+    return ids, sorted(skipped, key=lambda s: s["id"])
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[str]:
+    """Sorted ids of the usable images under ``folder`` (see :func:`scan_images`)."""
+    return scan_images(folder)[0]
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def id_to_path(folder: str | os.PathLike[str], image_id: str) -> Path:

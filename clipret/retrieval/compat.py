@@ -1,8 +1,11 @@
-"""Checks that a query set and a gallery can be compared at all."""
+"""Checks that a query set and a gallery can be compared at all, and how results name them."""
 
 from __future__ import annotations
 
-from clipret.artifacts import Embeddings
+from pathlib import Path
+from typing import Any
+
+from clipret.artifacts import Embeddings, ids_digest
 from clipret.errors import ClipretError
 
 
@@ -22,3 +25,15 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
             raise ClipretError(msg + "; re-embed one side, or pass --allow-mismatch if this is intended")
         return [msg]
     return []
+
+
+def describe(emb: Embeddings, source: str | Path | None = None) -> dict[str, Any]:
+    """What a results sidecar records of one side: where it came from and which ids, in which order."""
+    where = source if source is not None else emb.path
+    return {
+        "path": str(Path(where).resolve()) if where is not None else None,
+        "count": len(emb),
+        "ids_sha256": ids_digest(emb.ids),
+        "fingerprint": emb.fingerprint,
+        "flags": dict(emb.flags),
+    }
