@@ -49,7 +49,7 @@ def make_data(kind: str, root: Path, seed: int) -> None:
         make_synthetic_dataset(root, n_classes=8, train_per_class=60, query_per_class=10, gallery_per_class=20,
                                image_size=SIZES[kind], seed=seed)
     else:
-        from clipret.data.fashion_mnist import export_fashion_mnist, find_fashion_mnist
+        from fashion_mnist import export_fashion_mnist, find_fashion_mnist
 
         src = find_fashion_mnist()
         if src is None:

@@ -6,11 +6,14 @@ Tests run on the CPU unless CLIPRET_TEST_DEVICE says otherwise.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "clipret" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "clipret" / "configs"
+sys.path.insert(0, str(ROOT / "bench"))  # benchmark-only helpers (e.g. the Fashion-MNIST exporter) are tested too
 TINY_VIT = CONFIGS / "tiny-vit.json"
 TINY_RN = CONFIGS / "tiny-rn.json"
 DEVICE = os.environ.get("CLIPRET_TEST_DEVICE", "cpu")

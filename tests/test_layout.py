@@ -102,3 +102,13 @@ def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
     import json
 
     json.dumps(skipped, ensure_ascii=False).encode("utf-8")  # manifest-safe
+
+
+def test_bare_file_name_labels_are_refused_when_two_ids_share_the_name():
+    labels = {"1.jpg": "cat", "2.jpg": "dog", "b/1.jpg": "eel"}
+    assert labels_for(["a/2.jpg"], labels, "gallery") == ["dog"]  # unambiguous fallback
+    assert labels_for(["b/1.jpg", "c/1.jpg"], {"b/1.jpg": "eel", "c/1.jpg": "cat"}, "gallery") == ["eel", "cat"]
+    with pytest.raises(ClipretError, match="a/1.jpg and c/1.jpg share the file name 1.jpg"):
+        labels_for(["a/1.jpg", "c/1.jpg"], labels, "gallery")
+    # an id with its own row takes no part: the bare row can only mean the other one
+    assert labels_for(["b/1.jpg", "c/1.jpg"], labels, "gallery") == ["eel", "cat"]

@@ -144,15 +144,29 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
 def labels_for(ids: Sequence[str], labels: Mapping[str, str], what: str) -> list[str]:
     """Look up every id's label; a missing id is an error that names a few of them.
 
-    A CSV may name files by their bare file name; that is accepted when it is
-    unambiguous.
+    An id is looked up by its full path first. A CSV may instead name files by
+    their bare file name (``1.jpg`` for ``cat/1.jpg``); that fallback is used
+    only when it is unambiguous: when no other of these ``ids`` without a row
+    of its own has the same file name. Otherwise it is an error asking for
+    full ids in the CSV.
     """
+    by_name: dict[str, list[str]] = {}
+    for i in ids:
+        if i not in labels:
+            by_name.setdefault(PurePosixPath(i).name, []).append(i)
     out: list[str] = []
     missing: list[str] = []
     for i in ids:
         label = labels.get(i)
         if label is None:
-            label = labels.get(PurePosixPath(i).name)
+            name = PurePosixPath(i).name
+            label = labels.get(name)
+            if label is not None and len(by_name[name]) > 1:
+                a, b = by_name[name][:2]
+                raise ClipretError(
+                    f"{what} ids {a} and {b} share the file name {name}, so the labels CSV row {name!r} is "
+                    "ambiguous; name them by their full ids (paths relative to the folder) in the CSV"
+                )
         if label is None:
             missing.append(i)
         else:
@@ -179,3 +193,20 @@ def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Pa
     if n_classes < 2:
         raise ClipretError(f"{folder} has {n_classes} class folder(s); metric learning needs at least 2 classes")
     return ids, labels, folder
+
+
+def ensure_empty_targets(root: Path) -> None:
+    """Refuse to mix a new dataset into an existing ``training/`` or ``test/`` folder."""
+    for sub in ("training", "test"):
+        target = root / sub
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ClipretError(f"{target} already exists and is not empty; choose a new folder or remove it")
+
+
+def write_labels_csv(path: Path, rows: Iterable[tuple[str, str]]) -> None:
+    """Write ``filename,label`` with a header row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["filename", "label"])
+        writer.writerows(rows)

@@ -16,13 +16,12 @@ Only numpy and Pillow are used; each image has its own generator seeded from
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipret.data.layout import ensure_empty_targets, write_labels_csv
 from clipret.errors import ClipretError
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent")
@@ -130,23 +129,6 @@ def draw_image(class_name: str, size: int, rng: np.random.Generator) -> Image.Im
     img = (1 - alpha) * bg + alpha * fill
     img += _NOISE_SIGMA * rng.standard_normal(size=img.shape, dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
-
-
-def ensure_empty_targets(root: Path) -> None:
-    """Refuse to mix a new dataset into an existing ``training/`` or ``test/`` folder."""
-    for sub in ("training", "test"):
-        target = root / sub
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ClipretError(f"{target} already exists and is not empty; choose a new folder or remove it")
-
-
-def write_labels_csv(path: Path, rows: Iterable[tuple[str, str]]) -> None:
-    """Write ``filename,label`` with a header row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["filename", "label"])
-        writer.writerows(rows)
 
 
 def make_synthetic_dataset(

@@ -1,4 +1,4 @@
-"""Export Fashion-MNIST (idx files, raw or gzipped) into clipret's dataset layout.
+"""Benchmark data, not part of the package: export Fashion-MNIST (idx files, raw or gzipped) into clipret's dataset layout.
 
 Debian's ``dataset-fashion-mnist`` package installs the four gzipped idx files
 in ``/usr/share/datasets/fashion-mnist``; ``CLIPRET_FASHION_MNIST`` may name
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipret.data.synthetic import ensure_empty_targets, write_labels_csv
+from clipret.data.layout import ensure_empty_targets, write_labels_csv
 from clipret.errors import ClipretError
 
 CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
