@@ -15,6 +15,7 @@ from clipret.artifacts import Embeddings
 from clipret.data.dataset import ImageFolderDataset, collate
 from clipret.errors import ClipretError
 from clipret.runtime import autocast
+from clipret.tta import average_views, parse_tta, tta_transform
 
 
 @torch.no_grad()
@@ -33,7 +34,9 @@ def embed_images(
     """Embed ``folder/id`` for every id, in id order.
 
     Returns ``(vectors, kept_ids, skipped)``: vectors is (N', D) float32 with
-    unit rows, one per kept id, and ``skipped`` lists ``{"id", "reason"}`` for
+    unit rows, one per kept id. A transform that returns a (V, 3, H, W) stack
+    per image (test-time augmentation, :mod:`clipret.tta`) gets its V view
+    embeddings averaged and re-normalised; and ``skipped`` lists ``{"id", "reason"}`` for
     every file that could not be decoded. ``on_batch(n)`` is called with the
     number of files handled after each batch.
     """
@@ -57,8 +60,11 @@ def embed_images(
             skipped.append({"id": ids[index], "reason": reason})
         n_good = len(batch["indices"])
         if n_good:
+            images = batch["images"].to(device, non_blocking=True)
+            views = images.shape[1] if images.ndim == 5 else 0
             with autocast(device, amp):
-                out = encoder(batch["images"].to(device, non_blocking=True))
+                out = encoder(images.flatten(0, 1) if views else images)
+            out = average_views(out.reshape(-1, views, out.shape[-1])) if views else out
             chunks.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy())
             kept.extend(batch["indices"].tolist())
         if on_batch is not None:
@@ -81,6 +87,7 @@ def embed_folder(
     device: str = "auto",
     amp: str = "auto",
     strict: bool = False,
+    tta: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Embeddings:
@@ -102,7 +109,6 @@ def embed_folder(
 
     from clipret import artifacts, runtime
     from clipret.data.layout import scan_images
-    from clipret.data.transforms import eval_transform
     from clipret.model.build import open_encoder
 
     ids, unlisted = scan_images(folder)
@@ -113,11 +119,12 @@ def embed_folder(
     if out is not None:
         # the shards in OUT.parts/ and the merged file exist side by side for a moment
         artifacts.ensure_free_space(out, 2 * len(ids) * int(encoder.embed_dim) * 4 + (1 << 20), "the embeddings")
-    parts = _prepare_parts(Path(out), ids, fingerprint, shard_size, resume) if out is not None else None
+    tta = parse_tta(tta)
+    parts = _prepare_parts(Path(out), ids, fingerprint, shard_size, resume, tta) if out is not None else None
     workers = runtime.resolve_workers(workers, len(ids))
     dev = runtime.resolve_device(device)
     amp_dtype = runtime.resolve_amp(amp, dev)
-    transform = eval_transform(spec.preprocess)
+    transform = tta_transform(spec.preprocess, tta)
     if on_start is not None:
         on_start(len(ids))
 
@@ -152,7 +159,8 @@ def embed_folder(
     if not kept:
         raise ClipretError(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: {skipped[0]['reason']})")
     vectors = np.concatenate([np.asarray(e.vectors) for e in shards])
-    flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size")}
+    flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
+             "tta": tta}
     result = Embeddings(vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
     if out is not None and runtime.is_main():
         artifacts.save_embeddings(out, vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
@@ -161,7 +169,7 @@ def embed_folder(
     return result
 
 
-def _prepare_parts(out: Path, ids: Sequence[str], fingerprint: str, shard_size: int, resume: bool) -> Path:
+def _prepare_parts(out: Path, ids: Sequence[str], fingerprint: str, shard_size: int, resume: bool, tta: str | None) -> Path:
     """Create (or, with ``resume``, check and keep) the ``OUT.parts`` progress folder."""
     import shutil
 
@@ -169,13 +177,13 @@ def _prepare_parts(out: Path, ids: Sequence[str], fingerprint: str, shard_size: 
 
     parts = out.with_name(out.name + ".parts")
     info = {"fingerprint": fingerprint, "shard_size": shard_size, "n_ids": len(ids),
-            "ids_sha256": artifacts.sha256_text("\n".join(ids))}
+            "ids_sha256": artifacts.ids_digest(ids), "tta": tta}
     if parts.is_dir():
         previous = artifacts.read_json(parts / "run.json", "partial-run manifest") if (parts / "run.json").is_file() else None
         if not resume:
             shutil.rmtree(parts)
         elif previous != info:
-            raise ClipretError(f"{parts} holds partial results of another model, folder or --shard-size; "
+            raise ClipretError(f"{parts} holds partial results of another model, folder, --tta or --shard-size; "
                                "delete it, or run without --resume")
     parts.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(parts / "run.json", info)

@@ -24,3 +24,22 @@ BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Seed = Annotated[int, typer.Option(help="Random seed (python, numpy, torch, sampler).")]
 TopK = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return per query.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+Tta = Annotated[
+    Optional[str],
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: flip (2 forward passes per image) or flip,scales (4). Give the same --tta to the "
+        "gallery's `embed` and to `query`.",
+        show_default=False,
+    ),
+]
+
+
+def warn_ignored_pretrained(model: str, pretrained: str | None) -> None:
+    """A trained run folder carries its own weights: say so when --pretrained was given too."""
+    from pathlib import Path
+
+    if pretrained is not None and Path(model).is_dir():
+        from clipret.cli import _console
+
+        _console.warn(f"--pretrained is ignored: {model} is a trained run folder and carries its own weights")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, BatchSize, Device, Pretrained, TopK, Workers
+from clipret.cli._options import Amp, BatchSize, Device, Pretrained, TopK, Tta, Workers, warn_ignored_pretrained
 
 
 @_console.handle_errors
@@ -25,6 +25,7 @@ def query_command(
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail if any query image cannot be read.")] = False,
+    tta: Tta = None,
 ) -> None:
     """Retrieve the top-k gallery items for each query by exact cosine similarity.
 
@@ -49,13 +50,17 @@ def query_command(
     if query.is_dir():
         if model is None:
             _console.fail("a query folder needs --model (the model the gallery was embedded with)")
+        warn_ignored_pretrained(model, pretrained)
         from clipret.inference import embed_folder
 
         with _console.progress_bar(None, "embed queries") as advance:
             q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                             strict=strict, on_start=lambda n: advance(0, total=n), on_batch=advance)
+                             strict=strict, tta=tta, on_start=lambda n: advance(0, total=n), on_batch=advance)
         _console.report_unreadable(q.skipped)
     else:
+        if tta is not None:
+            _console.fail(f"--tta applies when images are embedded, and {query} holds embeddings already; "
+                          "pass --tta to the `clipret embed` that makes the query .npy (and the gallery's)")
         for name, value in (("--model", model), ("--pretrained", pretrained)):
             if value is not None:
                 _console.warn(f"{name} is ignored: the queries in {query} are embeddings already")

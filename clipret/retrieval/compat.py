@@ -14,8 +14,10 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
 
     Fingerprints are compared only when both sides carry one (embeddings made
     by other tools may not). ``allow_mismatch`` turns a fingerprint mismatch
-    into a warning.
+    into a warning. Different test-time augmentation on the two sides is a
+    warning too.
     """
+    warnings: list[str] = []
     if query.dim != gallery.dim:
         raise ClipretError(f"query dim {query.dim} != gallery dim {gallery.dim}; embed both with the same model")
     if query.fingerprint and gallery.fingerprint and query.fingerprint != gallery.fingerprint:
@@ -23,8 +25,12 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
                f"{gallery.fingerprint})")
         if not allow_mismatch:
             raise ClipretError(msg + "; re-embed one side, or pass --allow-mismatch if this is intended")
-        return [msg]
-    return []
+        warnings.append(msg)
+    q_tta, g_tta = query.flags.get("tta"), gallery.flags.get("tta")
+    if q_tta != g_tta:
+        warnings.append(f"the queries were embedded with --tta {q_tta or 'none'} but the gallery with --tta "
+                        f"{g_tta or 'none'}; TTA should be symmetric: embed both sides with the same --tta")
+    return warnings
 
 
 def describe(emb: Embeddings, source: str | Path | None = None) -> dict[str, Any]:

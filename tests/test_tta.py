@@ -1,0 +1,116 @@
+"""Test-time augmentation: views, averaging, one decode per image, symmetric use through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from clipret.cli import app
+from clipret.errors import ClipretError
+from clipret.tta import SCALES, TTAViews, n_views, parse_tta, tta_transform
+from conftest import TINY_VIT
+
+PRE = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic", "resize_mode": "shortest"}
+runner = CliRunner()
+
+
+def _img(seed=0, size=(40, 40)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("spec,want", [(None, None), ("none", None), ("flip", "flip"), ("flip,scales", "flip,scales"),
+                                       ("scales, flip", "flip,scales"), ("FLIP", "flip")])
+def test_parse_tta(spec, want):
+    assert parse_tta(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["scales", "rotate", "flip,rotate"])
+def test_parse_tta_rejects_unknown_views(spec):
+    with pytest.raises(ClipretError, match="unknown --tta"):
+        parse_tta(spec)
+
+
+def test_views_are_the_plain_view_its_mirror_and_two_rescaled_crops():
+    img = _img()
+    plain = tta_transform(PRE, None)(img)
+    views = tta_transform(PRE, "flip,scales")(img)
+    assert views.shape == (4, 3, 32, 32) and n_views("flip,scales") == 4
+    torch.testing.assert_close(views[0], plain)
+    # for a square image the mirrored tensor is exactly the view of the mirrored image
+    torch.testing.assert_close(views[1], plain.flip(-1))
+    torch.testing.assert_close(views[1], tta_transform(PRE, None)(ImageOps.mirror(img)), atol=1e-5, rtol=0)
+    # the scaled views: the image resized so its short side is round(32 * s), then centre-cropped to 32
+    from torchvision import transforms as T
+
+    for view, s in zip(views[2:], SCALES):
+        side = round(32 * s)
+        expect = T.Compose([T.Resize(side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                            T.Normalize(PRE["mean"], PRE["std"])])(img)
+        torch.testing.assert_close(view, expect, atol=1e-5, rtol=0)
+    assert not torch.allclose(views[2], plain) and not torch.allclose(views[3], plain)
+    assert tta_transform(PRE, "flip")(img).shape == (2, 3, 32, 32)
+
+
+def test_embed_images_averages_view_embeddings_and_renormalises(tmp_path):
+    from clipret.inference import embed_images
+    from clipret.model.build import open_encoder
+
+    for i in range(3):
+        _img(i).save(tmp_path / f"{i}.png")
+    ids = ["0.png", "1.png", "2.png"]
+    encoder, spec, _ = open_encoder(str(TINY_VIT), "none")
+    got, kept, _ = embed_images(encoder, tmp_path, ids, TTAViews(tta_transform(spec.preprocess, None), 32, "flip"),
+                                batch_size=2)
+    assert kept == ids
+    plain = tta_transform(spec.preprocess, None)
+    with torch.no_grad():
+        for row, i in zip(got, ids):
+            x = plain(Image.open(tmp_path / i).convert("RGB"))
+            a, b = encoder(x[None])[0], encoder(x.flip(-1)[None])[0]  # unit vectors each
+            ref = (a + b) / 2
+            ref = ref / ref.norm()
+            np.testing.assert_allclose(row, ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+
+
+def test_each_image_is_decoded_once_whatever_the_views(tmp_path, monkeypatch):
+    from clipret.data import dataset
+    from clipret.inference import embed_folder
+
+    for i in range(5):
+        _img(i).save(tmp_path / f"{i}.png")
+    calls = []
+    real = dataset.load_rgb
+    monkeypatch.setattr(dataset, "load_rgb", lambda p: calls.append(p) or real(p))
+    emb = embed_folder(tmp_path, str(TINY_VIT), "none", workers=0, device="cpu", tta="flip,scales")
+    assert len(emb) == 5 and len(calls) == 5
+    assert emb.flags["tta"] == "flip,scales"
+
+
+def test_cli_records_tta_warns_on_asymmetry_and_refuses_tta_on_npy_queries(tiny_dataset, tmp_path):
+    gal, qry = tiny_dataset / "test" / "gallery", tiny_dataset / "test" / "query"
+    common = ["--model", TINY_VIT, "--pretrained", "none", "--device", "cpu", "--workers", 0]
+    r = runner.invoke(app, [str(a) for a in ["embed", gal, "--out", tmp_path / "g.npy", "--tta", "flip", *common]])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g.json").read_text())["flags"]["tta"] == "flip"
+    r = runner.invoke(app, [str(a) for a in ["embed", qry, "--out", tmp_path / "q.npy", *common]])
+    assert json.loads((tmp_path / "q.json").read_text())["flags"]["tta"] is None
+    r = runner.invoke(app, [str(a) for a in ["query", tmp_path / "q.npy", "--gallery", tmp_path / "g.npy", "--out", tmp_path / "r.json"]])
+    assert r.exit_code == 0 and "TTA should be symmetric" in r.output
+    r = runner.invoke(app, [str(a) for a in ["query", tmp_path / "q.npy", "--gallery", tmp_path / "g.npy", "--tta", "flip"]])
+    assert r.exit_code == 2 and "pass --tta to the `clipret embed`" in r.output
+    # a query folder with the gallery's --tta: no warning, and the lists match the symmetric .npy route
+    r = runner.invoke(app, [str(a) for a in ["query", qry, "--gallery", tmp_path / "g.npy", "--tta", "flip", "--out",
+                                             tmp_path / "r2.json", *common]])
+    assert r.exit_code == 0, r.output
+    assert "symmetric" not in r.output
+    r = runner.invoke(app, [str(a) for a in ["embed", qry, "--out", tmp_path / "qf.npy", "--tta", "flip", *common]])
+    r = runner.invoke(app, [str(a) for a in ["query", tmp_path / "qf.npy", "--gallery", tmp_path / "g.npy", "--out", tmp_path / "r3.json"]])
+    a, b = json.loads((tmp_path / "r2.json").read_text()), json.loads((tmp_path / "r3.json").read_text())
+    assert [x["samples"] for x in a] == [x["samples"] for x in b]
