@@ -7,12 +7,22 @@ flags given on the command line override the file.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from clipret.errors import ClipretError
+
+# The choices the model accepts (clipret.model.net.POOLS and clipret.model.pooling.GEM_INPUTS;
+# a test keeps them equal), spelt out here so that checking a config never imports torch.
+POOLS = ("gem", "cls", "mean")
+GEM_INPUTS = ("clamp", "softplus", "shift")
+AMPS = ("auto", "bf16", "fp16", "none")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# Settings a resumed run may change: where things are and how they run, not what is computed.
+RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every")
 
 
 @dataclass
@@ -51,7 +61,7 @@ class TrainConfig:
     # run
     amp: str = "auto"
     val_split: float = 0.1
-    workers: int = 4
+    workers: int | None = None  # None: automatic (clipret.runtime.resolve_workers); results do not depend on it
     device: str = "auto"
     seed: int = 0
     save_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
@@ -75,7 +85,21 @@ class TrainConfig:
             (0 <= self.warmup, "--warmup must be non-negative"),
             (self.mine_from_epoch >= 1, "--mine-from-epoch is 1-based and must be at least 1"),
             (self.embed_dim >= 1, "--embed-dim must be positive"),
-            (self.workers >= 0, "--workers must be non-negative"),
+            (self.workers is None or self.workers >= 0, "--workers must be non-negative"),
+            (self.dropout >= 0 and self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.circle_m >= 0, "--circle-m must be non-negative"),
+            (self.circle_gamma > 0, "--circle-gamma must be positive"),
+            (self.miner_epsilon >= 0, "--miner-epsilon must be non-negative"),
+            (self.grad_clip > 0, "--grad-clip must be positive"),
+            (self.head_lr_mult > 0, "--head-lr-mult must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be non-negative"),
+            (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
+            (self.save_every >= 0, "--save-every must be non-negative"),
+            (self.seed >= 0, "--seed must be non-negative"),
+            (self.pool in POOLS, f"unknown --pool {self.pool!r}; use {', '.join(POOLS)}"),
+            (self.gem_input in GEM_INPUTS, f"unknown --gem-input {self.gem_input!r}; use {', '.join(GEM_INPUTS)}"),
+            (self.amp in AMPS, f"unknown --amp {self.amp!r}; use {', '.join(AMPS)}"),
+            (bool(_DEVICE.match(self.device)), f"unknown --device {self.device!r}; use auto, cpu, cuda or cuda:N"),
         ]
         for ok, msg in checks:
             if not ok:

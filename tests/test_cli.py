@@ -54,7 +54,10 @@ def test_train_writes_model_metrics_and_checkpoint(trained_run):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all("val_recall@1" in r and "val_map@r" in r for r in rows)
     assert [r["mining"] for r in rows] == [False, True]
-    assert sum(r["best"] for r in rows) >= 1
+    scores = [r["val_map@r"] for r in rows]  # an epoch is "best" when it beats every earlier one; the last best is exported
+    assert [r["best"] for r in rows] == [s > max(scores[:i], default=-1.0) for i, s in enumerate(scores)]
+    best_epoch = max(r["epoch"] for r in rows if r["best"])
+    assert best_epoch == 1 + scores.index(max(scores))
     import torch
 
     ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
@@ -114,13 +117,18 @@ def test_embed_query_evaluate_pipeline(trained_run, tiny_dataset, tmp_path):
 def test_toml_config_and_flag_override(tiny_dataset, tmp_path):
     toml = tmp_path / "train.toml"
     toml.write_text(f'model = "{TINY_RN.as_posix()}"\npretrained = "none"\nimage-size = 32\nepochs = 1\np = 2\nk = 2\n'
-                    'workers = 0\ndevice = "cpu"\nval_split = 0.0\nembed_dim = 32\n')
+                    'workers = 0\ndevice = "cpu"\nval_split = 0.0\nembed_dim = 32\n'
+                    'circle-m = 0.3\ncircle_gamma = 64.0\nminer-epsilon = 0.2\ngrad-clip = 2.0\n')
     out = tmp_path / "run"
     r = run("train", tiny_dataset, "--config", toml, "--embed-dim", 16, "--out", out)
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())["model"]
     assert cfg["embed_dim"] == 16  # the flag beat the file
     assert cfg["preprocess"]["size"] == 32  # the file beat the default
+    import torch
+
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (saved["circle_m"], saved["circle_gamma"], saved["miner_epsilon"], saved["grad_clip"]) == (0.3, 64.0, 0.2, 2.0)
     toml.write_text("epochz = 3\n")
     r = run("train", tiny_dataset, "--config", toml, "--out", out)
     assert r.exit_code == 2 and "unknown setting(s) epochz" in r.output
@@ -133,6 +141,11 @@ def test_toml_config_and_flag_override(tiny_dataset, tmp_path):
         (["evaluate"], "nothing to score"),
         (["train", "/nonexistent/root", "--model", str(TINY_RN), "--pretrained", "none"], "not found"),
         (["embed", "/nonexistent", "--model", str(TINY_RN), "--pretrained", "none", "--out", "x.npy"], "folder not found"),
+        # train settings are checked before the images (the root here does not exist) and before any download
+        (["train", "/nonexistent/root", "--model", str(TINY_RN), "--pretrained", "none", "--pool", "cls"], "--pool cls needs a ViT"),
+        (["train", "/nonexistent/root", "--model", str(TINY_RN), "--amp", "fp8"], "unknown --amp"),
+        (["train", "/nonexistent/root", "--model", str(TINY_RN), "--device", "tpu"], "unknown --device"),
+        (["train", "--resume", "/nonexistent/run"], "nothing to resume"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -140,6 +153,13 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert r.exit_code == 2
     assert message in r.output and "Traceback" not in r.output
     assert len([line for line in r.output.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.parametrize("option,value", [("--pool", "foo"), ("--gem-input", "relu")])
+def test_train_choices_are_checked_by_the_parser(option, value):
+    r = run("train", "/nonexistent/root", "--model", TINY_RN, option, value)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"Invalid value for '{option}'" in r.output and "not found" not in r.output
 
 
 def test_query_k_must_be_positive_and_dims_must_match(tmp_path):

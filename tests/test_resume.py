@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert sa["model"][k].equal(sb["model"][k]), k
     rows_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
     assert strip(rows_a) == strip(rows_b)
 
 
@@ -87,6 +88,49 @@ def test_train_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_data
     assert r.returncode == 0, r.stderr
     assert not list(out.glob(".*.tmp"))
     _assert_same_run(reference_run, out)
+
+
+W2_ARGS = [a if prev != "--workers" else "2" for prev, a in zip([""] + TRAIN_ARGS, TRAIN_ARGS)]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w2") / "run"
+    r = clipret("train", tiny_dataset, "--out", out, *W2_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "workers: 2" in r.stderr
+    return out
+
+
+def test_two_workers_train_exactly_as_none(reference_run, two_worker_run):
+    """Augmentation is seeded per sample, so the worker count does not change the weights."""
+    _assert_same_run(reference_run, two_worker_run)
+
+
+def test_resume_from_the_run_folder_alone_keeps_its_settings(reference_run, two_worker_run, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    # started with a relative ROOT from the dataset's parent folder...
+    r = clipret("train", tiny_dataset.name, "--out", out, *W2_ARGS, kill_at="after-rename:checkpoint.pt:3", cwd=tiny_dataset.parent)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    # ...resumed from elsewhere with nothing but the run folder: data root, --workers 2 and the rest come from the run
+    (tmp_path / "elsewhere").mkdir()
+    r = clipret("train", "--resume", out, cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step 6 of 12" in r.stderr and "workers: 2" in r.stderr and "overridden" not in r.stderr
+    _assert_same_run(two_worker_run, out)
+    _assert_same_run(reference_run, out)
+
+
+def test_resume_names_overridden_settings_and_refuses_others(reference_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    r = clipret("train", "--resume", run, "--workers", "1", "--device", "cpu")  # --device cpu is the run's own
+    assert r.returncode == 0, r.stderr
+    assert "overridden: workers 1 (was 0)" in r.stderr and "device" not in r.stderr.split("overridden")[1].splitlines()[0]
+    r = clipret("train", "--resume", run, "--lr", "0.1", "--k", "2")  # --k 2 is the run's own
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot change when resuming" in r.stderr and "--lr 0.0004" in r.stderr and "--k" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_train_refuses_to_clobber_a_run_without_resume(reference_run, tiny_dataset):

@@ -1,8 +1,9 @@
-"""``clipret train ROOT``: fine-tune an OpenCLIP image tower for retrieval."""
+"""``clipret train ROOT``: fine-tune an OpenCLIP image tower for retrieval; ``--resume RUN`` continues a run."""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,10 +12,11 @@ import typer
 
 from clipret.cli import _console
 from clipret.cli._options import Amp, Device, Model, Pretrained, Seed, Workers
+from clipret.config import GEM_INPUTS, POOLS
 
 _HELP = """Fine-tune an OpenCLIP backbone on ROOT/training/<class>/* for retrieval.
 
-GeM pooling + a 512-d head, Circle loss with a MultiSimilarity miner,
+GeM pooling + an --embed-dim head, Circle loss with a MultiSimilarity miner,
 P×K batches, AdamW with layer-wise LR decay and warmup-cosine.
 
 Writes OUT/model.safetensors + OUT/config.json (best epoch), OUT/metrics.jsonl
@@ -23,7 +25,15 @@ and a resumable OUT/checkpoint.pt.
 Example:
 
   clipret train ./data --model ViT-B-16 --pretrained openai --epochs 10 --out runs/b16
+
+Continue an interrupted run with its own settings (data root included):
+
+  clipret train --resume runs/b16
 """
+
+Pool = enum.Enum("Pool", {v: v for v in POOLS}, type=str)  # type: ignore[misc]
+GemInput = enum.Enum("GemInput", {v: v for v in GEM_INPUTS}, type=str)  # type: ignore[misc]
+_NOT_SETTINGS = {"ctx", "resume", "overwrite", "config"}
 
 
 def _load_toml(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
@@ -45,36 +55,46 @@ def _load_toml(ctx: typer.Context, param: typer.CallbackParam, value: Optional[P
 @_console.handle_errors
 def train_command(
     ctx: typer.Context,
-    root: Annotated[Path, typer.Argument(help="Dataset root holding training/<class>/* (or the class folders themselves).")],
+    root: Annotated[Optional[Path], typer.Argument(
+        help="Dataset root holding training/<class>/* (or the class folders themselves). "
+             "With --resume and no --out: the run folder to continue.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/clipret"),
     model: Model = "ViT-L-14",
     pretrained: Pretrained = None,
-    pool: Annotated[str, typer.Option(help="Pooling: gem, cls or mean.")] = "gem",
-    gem_input: Annotated[str, typer.Option(help="How GeM makes ViT tokens non-negative: clamp (measured best, docs/gem.md), softplus or shift.")] = "clamp",
-    embed_dim: Annotated[int, typer.Option(help="Output embedding size.")] = 512,
+    pool: Annotated[Pool, typer.Option(help="Pooling of the tower's tokens (cls: ViT only).")] = Pool.gem,
+    gem_input: Annotated[GemInput, typer.Option(
+        help="How GeM makes ViT tokens non-negative. clamp did best in the one measurement so far, "
+             "on random-init tiny ViTs (docs/gem.md); CNN towers always clamp.")] = GemInput.clamp,
+    embed_dim: Annotated[int, typer.Option(help="Output embedding size (the head's width).")] = 512,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.1,
     image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the model's own.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
-    p: Annotated[int, typer.Option("--p", help="Classes per batch (P).")] = 32,
-    k: Annotated[int, typer.Option("--k", help="Images per class per batch (K).")] = 4,
+    epochs: Annotated[int, typer.Option(help="Training epochs; an epoch is about one pass over the training images.")] = 15,
+    p: Annotated[int, typer.Option("--p", help="Classes per P×K batch (P).")] = 32,
+    k: Annotated[int, typer.Option("--k", help="Images per class in a P×K batch (K); not a top-k.")] = 4,
     lr: Annotated[float, typer.Option(help="Base learning rate (top transformer block).")] = 4e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases, norms, GeM p).")] = 0.05,
     llrd: Annotated[float, typer.Option(help="Layer-wise LR decay per block going down.")] = 0.65,
     head_lr_mult: Annotated[float, typer.Option(help="LR multiplier for the head and pooling.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Warmup: fraction of all steps (or a step count if >= 1).")] = 0.15,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
+    circle_m: Annotated[float, typer.Option(help="Circle loss relaxation margin m.")] = 0.4,
+    circle_gamma: Annotated[float, typer.Option(help="Circle loss scale gamma.")] = 80.0,
+    miner_epsilon: Annotated[float, typer.Option(help="MultiSimilarity miner margin epsilon.")] = 0.1,
     mine_from_epoch: Annotated[int, typer.Option(help="Epoch (1-based) from which the MultiSimilarity miner is on.")] = 5,
-    aug_crop: Annotated[bool, typer.Option(help="Random resized crop.")] = True,
+    aug_crop: Annotated[bool, typer.Option(help="Random resized crop (scale 0.5-1); off: resize and centre crop.")] = True,
     aug_flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
     aug_color_jitter: Annotated[float, typer.Option(help="Colour jitter strength; 0 turns it off.")] = 0.2,
     aug_grayscale: Annotated[float, typer.Option(help="Random grayscale probability; 0 turns it off.")] = 0.1,
     aug_erasing: Annotated[float, typer.Option(help="Random erasing probability; 0 turns it off.")] = 0.25,
     amp: Amp = "auto",
     val_split: Annotated[float, typer.Option(help="Validation fraction, stratified per class; 0 turns validation off.")] = 0.1,
-    workers: Workers = 4,
+    workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue a run from its checkpoint, with its own settings: `--resume RUN` or `ROOT --out RUN --resume`. "
+             "Only --workers, --device, --amp, --save-every and ROOT may be given anew.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     config: Annotated[
         Optional[Path],
@@ -83,16 +103,49 @@ def train_command(
     ] = None,
 ) -> None:
     # The help text is _HELP (see the bottom of this module).
-    values = {k_: v for k_, v in locals().items() if k_ not in {"ctx", "resume", "overwrite", "config"}}
-    values["root"], values["out"] = str(root), str(out)
+    values = {k_: v for k_, v in locals().items() if k_ not in _NOT_SETTINGS}
+    values = {k_: (v.value if isinstance(v, enum.Enum) else str(v) if isinstance(v, Path) else v) for k_, v in values.items()}
+    if resume:
+        if overwrite:
+            _console.fail("--resume continues a run and --overwrite replaces it; pass one of them")
+        _resume(ctx, values)
+        return
+    if root is None:
+        _console.fail("missing ROOT, the dataset folder (or pass --resume RUN to continue a run)")
     from clipret.config import TrainConfig
 
-    _run(TrainConfig.from_dict(values), resume, overwrite)
+    _run(lambda on_event: _train_new(TrainConfig.from_dict(values), overwrite, on_event))
 
 
-def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
+def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The settings given on the command line or in --config, not left at their defaults."""
+    return {name: v for name, v in values.items()
+            if (src := ctx.get_parameter_source(name)) is not None and src.name in {"COMMANDLINE", "DEFAULT_MAP", "ENVIRONMENT"}}
+
+
+def _resume(ctx: typer.Context, values: dict[str, Any]) -> None:
+    """``--resume RUN`` (ROOT names the run when --out is not given) or ``ROOT --out RUN --resume``."""
+    given = _explicit(ctx, values)
+    if "out" in given or values["root"] is None:
+        run = Path(values["out"])
+    else:
+        run = Path(given.pop("root"))
+        if not (run / "checkpoint.pt").is_file():
+            _console.fail(f"nothing to resume: no checkpoint at {run / 'checkpoint.pt'}; pass the run folder "
+                          "(clipret train --resume RUN), or ROOT --out RUN --resume")
+    given.pop("out", None)
+    from clipret.train.loop import resume
+
+    _run(lambda on_event: resume(run, overrides=given, on_event=on_event))
+
+
+def _train_new(cfg: Any, overwrite: bool, on_event: Any) -> dict[str, Any]:
     from clipret.train.loop import train
 
+    return train(cfg, overwrite=overwrite, on_event=on_event)
+
+
+def _run(start: Any) -> None:
     state: dict[str, Any] = {}
     bars, checking = contextlib.ExitStack(), contextlib.ExitStack()
 
@@ -103,30 +156,41 @@ def _run(cfg: Any, resume: bool, overwrite: bool) -> None:
             state["checked"](payload["n"])
         elif kind == "setup":
             checking.close()  # one live bar at a time
-            _console.info(
-                f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
-                f"{payload['n_classes']} classes, {payload['n_val']} held out; P×K = {payload['p']}×{payload['k']}; "
-                f"{payload['total_steps']} steps on {payload['device']} (amp: {payload['amp']})"
-            )
-            for w in payload["warnings"]:
-                _console.warn(w)
-            _console.report_unreadable(payload["excluded"], "excluded", "training image")
-            if payload["small_classes"]:
-                _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
-            bar = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "img/s")
+            _setup_lines(payload)
+            bar = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "head_lr", "img/s")
             state["advance"] = bars.enter_context(bar)
             if payload["start_step"]:
                 state["advance"](payload["start_step"])
         elif kind == "step":
             state["advance"](1, epoch=payload["epoch"], loss=f"{payload['loss']:.3f}", lr=f"{payload['lr']:.2e}",
-                             **{"img/s": f"{payload['img_s']:.0f}"})
+                             head_lr=f"{payload['head_lr']:.2e}", **{"img/s": f"{payload['img_s']:.0f}"})
         elif kind == "epoch":
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
 
     with bars, checking:
-        summary = train(cfg, resume=resume, overwrite=overwrite, on_event=on_event)
+        summary = start(on_event)
     _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
+
+
+def _setup_lines(payload: dict[str, Any]) -> None:
+    resumed = payload["resumed"]
+    if resumed is not None:
+        changed = resumed["changed"]
+        shown = lambda v: "auto" if v is None else v
+        what = "; overridden: " + ", ".join(f"{n.replace('_', '-')} {shown(new)} (was {shown(old)})"
+                                            for n, (old, new) in changed.items()) if changed else ""
+        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}")
+    _console.info(
+        f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
+        f"{payload['n_classes']} classes, {payload['n_val']} held out; P×K = {payload['p']}×{payload['k']}; "
+        f"{payload['total_steps']} steps on {payload['device']} (amp: {payload['amp']}, workers: {payload['workers']})"
+    )
+    for w in payload["warnings"]:
+        _console.warn(w)
+    _console.report_unreadable(payload["excluded"], "excluded", "training image")
+    if payload["small_classes"]:
+        _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
 
 
 train_command.__doc__ = _HELP

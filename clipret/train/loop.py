@@ -1,21 +1,27 @@
 """The training loop behind ``clipret train``.
 
-One function, :func:`train`, drives everything; it reports through an
-``on_event(kind, payload)`` callback so the CLI can draw progress without
-the loop knowing about terminals. Kinds: "check" and "checked" (the up-front
-image validation), "setup", "step", "epoch", "done".
+:func:`train` starts a run and :func:`resume` continues one; both report
+through an ``on_event(kind, payload)`` callback so the CLI can draw progress
+without the loop knowing about terminals. Kinds: "check" and "checked" (the
+up-front image validation), "setup", "step", "epoch", "done".
 
-The loop is written to be resumable and rank-aware: every random choice is
-either seeded per epoch (sampler, loader) or captured in the checkpoint
-(python/numpy/torch RNG), the sampler can start mid-epoch, and only rank 0
-writes files.
+The pieces are separate so that one can change without the others:
+:func:`clipret.train.setup.prepare` builds the run, :func:`run_epoch` feeds
+batches to :func:`train_step`, and :func:`end_epoch` validates, exports the
+best model and checkpoints.
+
+The loop is resumable and rank-aware: every random choice is seeded per
+epoch (sampler), per sample (augmentation, see
+:class:`clipret.data.dataset.ImageFolderDataset`) or captured in the
+checkpoint (python/numpy/torch RNG, which dropout draws from); the sampler
+can start mid-epoch; and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,181 +31,177 @@ from torch.utils.data import DataLoader
 
 from clipret import artifacts, runtime
 from clipret.config import TrainConfig
-from clipret.data.dataset import ImageFolderDataset, collate
-from clipret.data.layout import training_set
-from clipret.data.sampler import PKBatchSampler, resolve_p
-from clipret.data.transforms import AugmentConfig, eval_transform, train_transform
-from clipret.data.validate import check_images
+from clipret.data.dataset import collate
+from clipret.data.transforms import eval_transform
 from clipret.errors import ClipretError
 from clipret.inference import embed_images
-from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec, save_model
-from clipret.train.llrd import param_groups
-from clipret.train.losses import CircleObjective
-from clipret.train.schedule import make_scheduler, warmup_steps_for
-from clipret.train.split import stratified_split
-from clipret.train.state import CHECKPOINT_NAME, capture_rng, restore_rng
+from clipret.model.build import save_model
+from clipret.train.llrd import current_lrs
+from clipret.train.resume import resumed_config
+from clipret.train.setup import EXCLUDED_NAME, Event, TrainState, prepare
+from clipret.train.state import CHECKPOINT_NAME, capture_rng
 from clipret.train.validate import leave_one_out
 
-Event = Callable[[str, dict[str, Any]], None]
+__all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
 METRICS_NAME = "metrics.jsonl"
-EXCLUDED_NAME = "excluded.json"  # training images left out by the validation pass, with reasons
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:
     pass
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, on_event: Event = _noop) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, overwrite: bool = False, on_event: Event = _noop) -> dict[str, Any]:
     """Fine-tune a retrieval model on ``cfg.root``; write the run into ``cfg.out``.
 
-    With ``resume=True`` the run continues from ``cfg.out/checkpoint.pt`` and
-    performs exactly the optimizer steps the original schedule had left.
     Returns a summary dict (best epoch, its metrics, paths).
     """
     cfg.validate()
+    _single_process()
+    out = Path(cfg.out)
+    if not overwrite and ((out / CHECKPOINT_NAME).exists() or (out / artifacts.WEIGHTS_NAME).exists()):
+        raise ClipretError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, or another --out")
+    if cfg.root:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "root": str(Path(cfg.root).resolve())})
+    _remove_stale_temps(out)
+    return _run(prepare(cfg, None, on_event), None, on_event)
+
+
+def resume(run: str | Path, *, overrides: Mapping[str, Any] | None = None, on_event: Event = _noop) -> dict[str, Any]:
+    """Continue the run in folder ``run`` from its checkpoint, with its own settings.
+
+    ``overrides`` holds settings the user gave explicitly; only those of
+    :data:`clipret.config.RESUME_OVERRIDABLE` may differ from the run's (see
+    :func:`clipret.train.resume.resumed_config`). The resumed run performs
+    exactly the optimiser steps the original schedule had left, and ends
+    with the same weights as an uninterrupted run.
+    """
+    _single_process()
+    out = Path(run)
+    ckpt = artifacts.load_checkpoint(out / CHECKPOINT_NAME)
+    cfg, changed = resumed_config(ckpt["config"], out, overrides)
+    _remove_stale_temps(out)
+    state = prepare(cfg, ckpt, on_event)
+    return _run(state, {"step": state.step, "changed": changed}, on_event)
+
+
+def _single_process() -> None:
     if runtime.world_size() > 1:
         raise ClipretError("multi-process (torchrun) training is not supported yet; run a single process")
-    out = Path(cfg.out)
-    if not resume and not overwrite and ((out / CHECKPOINT_NAME).exists() or (out / artifacts.WEIGHTS_NAME).exists()):
-        raise ClipretError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, or another --out")
+
+
+def _remove_stale_temps(out: Path) -> None:
     if runtime.is_main() and out.is_dir():
         artifacts.remove_stale_temps(out)
-    ckpt = artifacts.load_checkpoint(out / CHECKPOINT_NAME) if resume else None
-    if ckpt is not None:
-        cfg = TrainConfig.from_dict({**ckpt["config"], "workers": cfg.workers, "device": cfg.device})
-    runtime.seed_everything(cfg.seed)
-    device = runtime.resolve_device(cfg.device)
-    amp = runtime.resolve_amp(cfg.amp, device)
 
-    ids, class_of, folder = training_set(cfg.root)
-    on_event("check", {"total": len(ids)})
-    bad = check_images(folder, ids, workers=max(1, cfg.workers), on_progress=lambda n: on_event("checked", {"n": n}))
-    if bad:
-        kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
-        ids, class_of = [i for i, _ in kept], [c for _, c in kept]
-        if len(set(class_of)) < 2:
-            raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
-        if runtime.is_main():
-            artifacts.write_json(out / EXCLUDED_NAME, [{"id": i, "reason": r} for i, r in sorted(bad.items())])
-    class_names = sorted(set(class_of))
-    class_index = {c: n for n, c in enumerate(class_names)}
-    label_ids = np.array([class_index[c] for c in class_of], dtype=np.int64)
-    train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
-    p, warn_p = resolve_p(len(np.unique(label_ids[train_idx])), cfg.p)
 
-    if ckpt is not None:
-        spec = ModelSpec.from_dict(ckpt["spec"])
-        model = build_encoder(spec)
-    else:
-        spec = make_spec(cfg.model, cfg.pretrained, pool=cfg.pool, gem_input=cfg.gem_input,
-                         embed_dim=cfg.embed_dim, dropout=cfg.dropout, image_size=cfg.image_size)
-        model = create_encoder(spec)
-    model.to(device)
-
-    train_labels = label_ids[train_idx]
-    sampler = PKBatchSampler(train_labels, p, cfg.k, seed=cfg.seed, rank=runtime.rank(), world_size=runtime.world_size())
-    aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
-    train_ds = ImageFolderDataset(folder, [ids[i] for i in train_idx], train_transform(spec.preprocess, aug))
-    objective = CircleObjective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch)
-
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.llrd, cfg.head_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    epoch_lengths = [sampler.epoch_length(e) for e in range(cfg.epochs)]
-    total_steps = sum(epoch_lengths)
-    if total_steps == 0:
-        raise ClipretError(f"no full P×K batch fits the training set (P={p}, K={cfg.k}); lower --p or --k")
-    scheduler = make_scheduler(optimizer, total_steps, warmup_steps_for(total_steps, cfg.warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-
-    start_epoch, start_batch, step = 0, 0, 0
-    best: dict[str, Any] = {"epoch": None, "score": -1.0}
-    history: list[dict[str, Any]] = []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        best, history = dict(ckpt["best"]), list(ckpt["history"])
-        restore_rng(ckpt["rng"])
-
+def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> dict[str, Any]:
+    cfg, data = state.cfg, state.data
     on_event("setup", {
-        "n_images": len(ids), "n_train": len(train_idx), "n_val": len(val_idx), "n_classes": len(class_names),
-        "p": p, "k": cfg.k, "small_classes": sampler.small_classes, "warnings": [w for w in [warn_p] if w],
-        "total_steps": total_steps, "start_step": step, "device": str(device), "amp": str(amp).replace("torch.", ""),
-        "backbone": spec.backbone, "pretrained": spec.pretrained,
-        "excluded": [{"id": i, "reason": r} for i, r in sorted(bad.items())],
+        "n_images": len(data.ids), "n_train": len(data.train_idx), "n_val": len(data.val_idx),
+        "n_classes": len(data.classes), "p": state.p, "k": cfg.k, "small_classes": state.sampler.small_classes,
+        "warnings": state.warnings, "total_steps": state.total_steps, "start_step": state.step,
+        "device": str(state.device), "amp": str(state.amp).replace("torch.", "") if state.amp is not None else "none", "workers": state.workers,
+        "backbone": state.spec.backbone, "pretrained": state.spec.pretrained, "resumed": resumed,
+        "excluded": [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())],
     })
-
-    def checkpoint(epoch: int, batch: int, losses: list[float]) -> None:
-        if not runtime.is_main():
-            return
-        artifacts.save_checkpoint(out / CHECKPOINT_NAME, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step, "rng": capture_rng(),
-            "best": best, "history": history, "config": cfg.to_dict(), "spec": spec.to_dict(), "classes": class_names,
-            "epoch_losses": losses,
-        })
-
-    for epoch in range(start_epoch, cfg.epochs):
-        first = start_batch if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first)
-        loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-                            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        model.train()
-        # the mean loss of an epoch resumed mid-way still covers the steps before the crash
-        losses: list[float] = list(ckpt.get("epoch_losses", [])) if ckpt is not None and epoch == start_epoch and first else []
-        t_epoch, seen = time.perf_counter(), 0
-        for batch_no, batch in enumerate(loader, start=first):
-            t0 = time.perf_counter()
-            if batch["images"] is None:
-                continue
-            images = batch["images"].to(device, non_blocking=True)
-            labels = torch.as_tensor(train_labels[batch["indices"].numpy()], device=device)
-            with runtime.autocast(device, amp):
-                emb = model(images)
-            loss, info = objective(emb, labels, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            losses.append(float(loss.detach()))
-            seen += len(images)
-            on_event("step", {"step": step, "total": total_steps, "epoch": epoch + 1, "loss": losses[-1],
-                              "lr": optimizer.param_groups[-1]["lr"], "img_s": len(images) / max(time.perf_counter() - t0, 1e-9), **info})
-            if cfg.save_every and step % cfg.save_every == 0 and batch_no + 1 < epoch_lengths[epoch]:
-                checkpoint(epoch, batch_no + 1, losses)
-
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)) if losses else None,
-                               "lr": optimizer.param_groups[-1]["lr"], "mining": objective.mining(epoch),
-                               "img_per_s": seen / max(time.perf_counter() - t_epoch, 1e-9)}
-        if len(val_idx):
-            vecs, kept, _ = embed_images(model, folder, [ids[i] for i in val_idx], eval_transform(spec.preprocess),
-                                         batch_size=p * cfg.k, workers=cfg.workers, device=device, amp=amp)
-            by_id = dict(zip(ids, class_of))
-            row.update(leave_one_out(vecs, [by_id[i] for i in kept]))
-            score = row["val_map@r"]
-        else:
-            score = float(epoch)  # no validation: the last epoch is the one exported
-        row["best"] = bool(score > best["score"])
-        history.append(row)
-        if row["best"]:
-            best = {"epoch": epoch + 1, "score": score}
-            if runtime.is_main():
-                save_model(out, model, spec)
-        if runtime.is_main():
-            _write_history(out / METRICS_NAME, history)
-        checkpoint(epoch + 1, 0, [])
-        on_event("epoch", row)
-
-    summary = {"best_epoch": best["epoch"], "best": next((r for r in history if r["epoch"] == best["epoch"]), {}),
-               "out": str(out), "steps": step}
+    for epoch in range(state.start_epoch, cfg.epochs):
+        losses, seen, seconds = run_epoch(state, epoch, on_event)
+        on_event("epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
+    best = state.best["epoch"]
+    summary = {"best_epoch": best, "best": next((r for r in state.history if r["epoch"] == best), {}),
+               "out": str(state.out), "steps": state.step}
     on_event("done", summary)
     return summary
+
+
+def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[float], int, float]:
+    """Train one epoch (0-based) from ``state.start_batch`` if it is the first one resumed.
+
+    Returns (the epoch's step losses, images seen, seconds).
+    """
+    first = state.start_batch if epoch == state.start_epoch else 0
+    losses = list(state.resumed_losses) if first else []  # the mean loss still covers the steps before a crash
+    state.sampler.set_epoch(epoch, first)
+    state.dataset.set_epoch(epoch)
+    loader = DataLoader(state.dataset, batch_sampler=state.sampler, num_workers=state.workers, collate_fn=collate,
+                        pin_memory=state.device.type == "cuda", generator=torch.Generator().manual_seed(state.cfg.seed + epoch))
+    epoch_length = state.sampler.epoch_length(epoch)
+    state.model.train()
+    t_epoch, seen = time.perf_counter(), 0
+    for batch_no, batch in enumerate(loader, start=first):
+        t0 = time.perf_counter()
+        if batch["images"] is None:
+            continue
+        info = train_step(state, batch, epoch)
+        losses.append(info["loss"])
+        seen += len(batch["indices"])
+        on_event("step", {"step": state.step, "total": state.total_steps, "epoch": epoch + 1,
+                          "img_s": len(batch["indices"]) / max(time.perf_counter() - t0, 1e-9), **info})
+        if state.cfg.save_every and state.step % state.cfg.save_every == 0 and batch_no + 1 < epoch_length:
+            save_checkpoint(state, epoch, batch_no + 1, losses)
+    return losses, seen, time.perf_counter() - t_epoch
+
+
+def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """One optimiser step on a collated batch; returns {"loss", "lr", "head_lr", ...miner info}.
+
+    ``lr`` is the base LR this step used (the top block's), ``head_lr`` the head's.
+    """
+    images = batch["images"].to(state.device, non_blocking=True)
+    labels = torch.as_tensor(state.data.train_labels[batch["indices"].numpy()], device=state.device)
+    with runtime.autocast(state.device, state.amp):
+        emb = state.model(images)
+    loss, info = state.objective(emb, labels, epoch)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
+    state.scheduler.step()
+    state.step += 1
+    return {"loss": float(loss.detach()), "lr": lr, "head_lr": head_lr, **info}
+
+
+def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: float) -> dict[str, Any]:
+    """Validate, export the model if it is the best so far, log and checkpoint; return the epoch's row."""
+    cfg, data = state.cfg, state.data
+    lr, head_lr = state.last_lrs or current_lrs(state.optimizer)  # the LRs of the epoch's last step
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)) if losses else None,
+                           "lr": lr, "head_lr": head_lr, "mining": state.objective.mining(epoch), "img_per_s": img_per_s}
+    if len(data.val_idx):
+        val_ids = [data.ids[i] for i in data.val_idx]
+        vecs, kept, _ = embed_images(state.model, data.folder, val_ids, eval_transform(state.spec.preprocess),
+                                     batch_size=state.p * cfg.k, workers=state.workers, device=state.device, amp=state.amp)
+        by_id = dict(zip(data.ids, data.class_of))
+        row.update(leave_one_out(vecs, [by_id[i] for i in kept]))
+        score = row["val_map@r"]
+    else:
+        score = float(epoch)  # no validation: the last epoch is the one exported
+    row["best"] = bool(score > state.best["score"])
+    state.history.append(row)
+    if row["best"]:
+        state.best = {"epoch": epoch + 1, "score": score}
+        if runtime.is_main():
+            save_model(state.out, state.model, state.spec)
+    if runtime.is_main():
+        _write_history(state.out / METRICS_NAME, state.history)
+    save_checkpoint(state, epoch + 1, 0, [])
+    return row
+
+
+def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[float]) -> None:
+    """Write ``checkpoint.pt``: resume goes on at batch ``batch`` of epoch ``epoch`` (0-based)."""
+    if not runtime.is_main():
+        return
+    artifacts.save_checkpoint(state.out / CHECKPOINT_NAME, {
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+        "epoch": epoch, "batch": batch, "step": state.step, "rng": capture_rng(),
+        "best": state.best, "history": state.history, "config": state.cfg.to_dict(), "spec": state.spec.to_dict(),
+        "classes": state.data.classes, "train_ids": state.data.ids_digest(), "epoch_losses": losses,
+    })
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:

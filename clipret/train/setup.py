@@ -1,0 +1,167 @@
+"""Everything a training run needs before its first step, in one :class:`TrainState`.
+
+:func:`prepare` checks the settings (cheaply, before any image is read or
+any weight downloaded), lists and checks the training images, splits them,
+builds the model, sampler, optimiser and schedule, and restores a checkpoint
+when resuming. The loop (:mod:`clipret.train.loop`) only steps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clipret import artifacts, runtime
+from clipret.config import TrainConfig
+from clipret.data.dataset import ImageFolderDataset
+from clipret.data.layout import training_set
+from clipret.data.sampler import PKBatchSampler, resolve_p
+from clipret.data.transforms import AugmentConfig, train_transform
+from clipret.data.validate import check_images
+from clipret.errors import ClipretError
+from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec
+from clipret.train.llrd import param_groups
+from clipret.train.losses import CircleObjective
+from clipret.train.schedule import make_scheduler, warmup_steps_for
+from clipret.train.split import stratified_split
+from clipret.train.state import restore_rng
+
+Event = Callable[[str, dict[str, Any]], None]
+EXCLUDED_NAME = "excluded.json"  # training images left out by the validation pass, with reasons
+
+
+@dataclass
+class TrainData:
+    """The training set after the image check: ids, classes and the train/val split."""
+
+    folder: Path
+    ids: list[str]  # every kept image of ROOT/training, sorted
+    class_of: list[str]  # class name of each id
+    classes: list[str]  # sorted class names; a label is an index into this
+    train_idx: np.ndarray  # (n_train,) int64 positions in ids
+    val_idx: np.ndarray  # (n_val,) int64 positions in ids
+    train_labels: np.ndarray  # (n_train,) int64 class index of each training image
+    excluded: dict[str, str]  # unreadable id -> reason
+
+    def ids_digest(self) -> str:
+        """Digest of the training ids, to check that a resumed run sees the same images."""
+        return artifacts.sha256_text("\n".join(self.ids[i] for i in self.train_idx))
+
+
+@dataclass
+class TrainState:
+    """The run being trained, and where it stands (``step`` optimiser steps taken)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    amp: torch.dtype | None
+    workers: int
+    data: TrainData
+    spec: ModelSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    sampler: PKBatchSampler
+    dataset: ImageFolderDataset
+    objective: CircleObjective
+    p: int
+    total_steps: int
+    warnings: list[str] = field(default_factory=list)
+    step: int = 0
+    start_epoch: int = 0
+    start_batch: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "score": -1.0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_losses: list[float] = field(default_factory=list)  # losses of the interrupted epoch before the crash
+    last_lrs: tuple[float, float] | None = None  # (base LR, head LR) of the last step taken
+
+
+def probe_spec(cfg: TrainConfig) -> ModelSpec:
+    """The model spec of a new run, read from the open_clip config only (no weights, no images).
+
+    Raises :class:`ClipretError` for settings the backbone cannot take.
+    """
+    spec = make_spec(cfg.model, cfg.pretrained, pool=cfg.pool, gem_input=cfg.gem_input,
+                     embed_dim=cfg.embed_dim, dropout=cfg.dropout, image_size=cfg.image_size)
+    is_resnet = isinstance(spec.clip_config["vision_cfg"].get("layers"), (list, tuple))
+    if cfg.pool == "cls" and is_resnet:
+        raise ClipretError(f"--pool cls needs a ViT backbone and {spec.backbone} is a ResNet; use --pool gem or --pool mean")
+    return spec
+
+
+def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainData:
+    """List ``ROOT/training``, leave out unreadable images, and split train/val."""
+    ids, class_of, folder = training_set(cfg.root)
+    on_event("check", {"total": len(ids)})
+    threads = max(1, runtime.resolve_workers(workers, len(ids)))
+    bad = check_images(folder, ids, workers=threads, on_progress=lambda n: on_event("checked", {"n": n}))
+    if bad:
+        kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
+        ids, class_of = [i for i, _ in kept], [c for _, c in kept]
+        if len(set(class_of)) < 2:
+            raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
+    train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
+    classes = sorted(set(class_of))
+    index = {c: n for n, c in enumerate(classes)}
+    train_labels = np.array([index[class_of[i]] for i in train_idx], dtype=np.int64)
+    return TrainData(folder, ids, class_of, classes, train_idx, val_idx, train_labels, bad)
+
+
+def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> TrainState:
+    """Build the run from ``cfg`` (new) or from ``cfg`` and its checkpoint (resumed)."""
+    cfg.validate()
+    spec = ModelSpec.from_dict(ckpt["spec"]) if ckpt is not None else probe_spec(cfg)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.resolve_device(cfg.device)
+    amp = runtime.resolve_amp(cfg.amp, device)
+    out = Path(cfg.out)
+
+    data = load_data(cfg, cfg.workers, on_event)
+    if ckpt is not None and ckpt.get("train_ids") not in (None, data.ids_digest()):
+        raise ClipretError(f"the training images under {cfg.root} are not the ones this run started with; "
+                           "resume with the original data, or start a new run")
+    if data.excluded and runtime.is_main():
+        artifacts.write_json(out / EXCLUDED_NAME, [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())])
+    workers = runtime.resolve_workers(cfg.workers, len(data.train_idx))
+    p, warn_p = resolve_p(len(np.unique(data.train_labels)), cfg.p)
+
+    model = build_encoder(spec) if ckpt is not None else create_encoder(spec)
+    model.to(device)
+    sampler = PKBatchSampler(data.train_labels, p, cfg.k, seed=cfg.seed, rank=runtime.rank(),
+                             world_size=runtime.world_size(), with_draws=True)
+    aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
+    dataset = ImageFolderDataset(data.folder, [data.ids[i] for i in data.train_idx],
+                                 train_transform(spec.preprocess, aug), seed=cfg.seed)
+    objective = CircleObjective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.llrd, cfg.head_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    total_steps = sampler.epoch_length(0) * cfg.epochs
+    if total_steps == 0:
+        raise ClipretError(f"no full P×K batch per process fits the training set (P={p}, K={cfg.k}); lower --p or --k")
+    scheduler = make_scheduler(optimizer, total_steps, warmup_steps_for(total_steps, cfg.warmup))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
+    state = TrainState(cfg, out, device, amp, workers, data, spec, model, optimizer, scheduler, scaler, sampler,
+                       dataset, objective, p, total_steps, warnings=[w for w in [warn_p] if w])
+    if ckpt is not None:
+        restore(state, ckpt)
+    return state
+
+
+def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
+    """Load weights, optimiser, schedule, RNG and progress from a checkpoint."""
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.start_epoch, state.start_batch, state.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+    state.best, state.history = dict(ckpt["best"]), list(ckpt["history"])
+    state.resumed_losses = list(ckpt.get("epoch_losses", [])) if state.start_batch else []
+    restore_rng(ckpt["rng"])
