@@ -351,3 +351,62 @@ def test_pml_map_with_integer_k_divides_by_r_not_min_k_r():
     assert pml == pytest.approx(float(np.mean(sums / r)), abs=1e-12)
     assert ours == pytest.approx(float(np.mean(sums / np.minimum(k, r))), abs=1e-12)
     assert ours > pml + 0.05
+
+
+# ---------------------------------------------------------------------------
+# The formulas over hit ranks (clipret.metrics.from_ranks)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_per_query_metrics_from_hit_ranks_match_reference(seed):
+    queries, gallery, ranked = _random_case(200 + seed)
+    ranked_labels = [[gallery[j] for j in row] for row in ranked]
+    r_list = ref_count_relevant(list(queries), list(gallery))
+    # hit ranks written out by hand from the labels, one query at a time
+    ranks, offsets = [], [0]
+    for labels_of_row, q in zip(ranked_labels, queries):
+        ranks += [i + 1 for i, lab in enumerate(labels_of_row) if lab == q]
+        offsets.append(len(ranks))
+    ks = [k for k in (1, 2, 5) if k <= len(gallery)]
+    values = M.per_query_metrics(np.array(ranks, dtype=np.int64), np.array(offsets), np.array(r_list), ks, full=True)
+    out = M.summarize(values, np.array(r_list))
+    ql = list(queries)
+    assert out["map"] == pytest.approx(ref_map(ranked_labels, ql, r_list), nan_ok=True)
+    assert out["map@r"] == pytest.approx(ref_map_at_r(ranked_labels, ql, r_list), nan_ok=True)
+    assert out["r_precision"] == pytest.approx(ref_r_precision(ranked_labels, ql, r_list), nan_ok=True)
+    for k in ks:
+        assert out[f"recall@{k}"] == pytest.approx(ref_recall_at_k(ranked_labels, ql, r_list, k), nan_ok=True)
+        assert out[f"precision@{k}"] == pytest.approx(ref_precision_at_k(ranked_labels, ql, r_list, k), nan_ok=True)
+        assert out[f"map@{k}"] == pytest.approx(ref_map_at_k(ranked_labels, ql, r_list, k), nan_ok=True)
+    assert out["n_queries_without_relevant"] == sum(r == 0 for r in r_list)
+    # the relevance-matrix adapter produces the same hit ranks
+    got_ranks, got_offsets = M.hit_ranks(M.rank_relevance(queries, gallery, ranked))
+    assert got_ranks.tolist() == ranks and got_offsets.tolist() == offsets
+
+
+def test_hit_ranks_hand_example():
+    # one query, R = 3, relevant at ranks 2, 3, 7 of a 7-long ranking
+    values = M.per_query_metrics(np.array([2, 3, 7]), np.array([0, 3]), np.array([3]), [1, 3], full=True)
+    assert values["map"][0] == pytest.approx((1 / 2 + 2 / 3 + 3 / 7) / 3)
+    assert values["map@r"][0] == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert values["r_precision"][0] == pytest.approx(2 / 3)
+    assert values["recall@1"][0] == 0.0 and values["recall@3"][0] == 1.0
+    assert values["precision@3"][0] == pytest.approx(2 / 3)
+    assert values["map@3"][0] == pytest.approx((1 / 2 + 2 / 3) / 3)
+
+
+def test_bad_hit_ranks_are_rejected():
+    with pytest.raises(ValueError, match="more relevant"):
+        M.per_query_metrics(np.array([1, 2]), np.array([0, 2]), np.array([1]), [1], full=False)
+    with pytest.raises(ValueError, match="increasing"):
+        M.per_query_metrics(np.array([2, 2]), np.array([0, 2]), np.array([2]), [1], full=False)
+    with pytest.raises(ValueError, match="increasing"):
+        M.per_query_metrics(np.array([0]), np.array([0, 1]), np.array([1]), [1], full=False)
+    with pytest.raises(ValueError, match="offsets"):
+        M.per_query_metrics(np.array([1]), np.array([0, 2]), np.array([1]), [1], full=False)
+    with pytest.raises(ValueError, match="every relevant item"):
+        M.per_query_metrics(np.array([1]), np.array([0, 1]), np.array([2]), [1], full=True)
+    # a new query may start at a lower rank than the previous one ended
+    values = M.per_query_metrics(np.array([5, 1]), np.array([0, 1, 2]), np.array([1, 1]), [1], full=True)
+    assert values["map"].tolist() == [1 / 5, 1.0]

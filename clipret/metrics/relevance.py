@@ -1,23 +1,14 @@
-"""Retrieval metrics as pure numpy functions (no torch).
+"""Metrics of ranked lists given as a (Q, K) relevance matrix (top-k lists, small full rankings).
 
-Conventions shared by every function here:
-
-* ``relevance``: ``(Q, K)`` bool array. ``relevance[q, j]`` is True when the
-  j-th ranked gallery item for query ``q`` (best first, ``j = 0`` is rank 1)
-  has the query's label.
-* ``n_relevant``: ``(Q,)`` int array. ``R``, the number of gallery items with
-  the query's label in the WHOLE gallery, not only in the top K.
-* Queries with ``R == 0`` are excluded from every mean; the ``evaluate_*``
-  functions report how many were excluded as ``n_queries_without_relevant``.
-  ``recall_at_k``/``precision_at_k`` exclude them only when given ``n_relevant``.
-  A mean over no query at all is ``nan``.
-* ``P@i`` is the precision of the top ``i`` items; ``rel_i`` is 1 when the item
-  at rank ``i`` is relevant. Ranks start at 1 in the formulas.
+Each function turns the matrix into hit ranks and calls the formulas in
+:mod:`clipret.metrics.from_ranks`; the conventions are in :mod:`clipret.metrics`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from clipret.metrics.from_ranks import per_query_metrics, summarize
 
 __all__ = [
     "recall_at_k",
@@ -28,6 +19,8 @@ __all__ = [
     "r_precision",
     "rank_relevance",
     "count_relevant",
+    "encode_labels",
+    "hit_ranks",
     "evaluate_topk",
     "evaluate_full",
 ]
@@ -42,28 +35,33 @@ def _check_relevance(relevance: np.ndarray, k: int | None = None) -> np.ndarray:
     return relevance
 
 
-def _included(relevance: np.ndarray, n_relevant: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Drop queries with R == 0; check that no row has more hits than R."""
-    if n_relevant is None:
-        return relevance, None
-    n_relevant = np.asarray(n_relevant)
-    if n_relevant.shape != (relevance.shape[0],):
-        raise ValueError(f"n_relevant must have shape ({relevance.shape[0]},), got {n_relevant.shape}")
-    if np.any(relevance.sum(axis=1) > n_relevant):
-        raise ValueError("a query has more relevant items in its list than n_relevant says")
-    keep = n_relevant > 0
-    return relevance[keep], n_relevant[keep].astype(np.int64)
+def hit_ranks(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, K) bool -> (ranks (H,) int64 1-based, offsets (Q+1,) int64), the CSR layout of the hits."""
+    relevance = _check_relevance(relevance)
+    rows, cols = np.nonzero(relevance)
+    offsets = np.zeros(relevance.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=relevance.shape[0]), out=offsets[1:])
+    return cols.astype(np.int64) + 1, offsets
+
+
+def _values(relevance: np.ndarray, n_relevant: np.ndarray | None, ks=(), *, full: bool = False):
+    """Per-query metric values and the mask of queries that count in the means."""
+    relevance = _check_relevance(relevance)
+    q = relevance.shape[0]
+    if n_relevant is None:  # every row counts; R only bounds the hits
+        r, keep = relevance.sum(axis=1).astype(np.int64), np.ones(q, dtype=bool)
+    else:
+        r = np.asarray(n_relevant)
+        if r.shape != (q,):
+            raise ValueError(f"n_relevant must have shape ({q},), got {r.shape}")
+        r = r.astype(np.int64)
+        keep = r > 0
+    ranks, offsets = hit_ranks(relevance)
+    return per_query_metrics(ranks, offsets, r, ks, full=full), keep, r
 
 
 def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
-
-
-def _sum_precision_at_hits(relevance: np.ndarray) -> np.ndarray:
-    """(Q, K) bool -> (Q,) sum over ranks i of P@i * rel_i."""
-    hits = np.cumsum(relevance, axis=1, dtype=np.float64)
-    ranks = np.arange(1, relevance.shape[1] + 1, dtype=np.float64)
-    return np.where(relevance, hits / ranks, 0.0).sum(axis=1)
 
 
 def recall_at_k(relevance: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> float:
@@ -72,8 +70,9 @@ def recall_at_k(relevance: np.ndarray, k: int, n_relevant: np.ndarray | None = N
     relevance: (Q, K) bool; k: 1 <= k <= K; n_relevant: optional (Q,) int,
     when given queries with R == 0 are excluded.
     """
-    rel, _ = _included(_check_relevance(relevance, k), n_relevant)
-    return _mean(rel[:, :k].any(axis=1).astype(np.float64))
+    _check_relevance(relevance, k)
+    v, keep, _ = _values(relevance, n_relevant, [k])
+    return _mean(v[f"recall@{int(k)}"][keep])
 
 
 def precision_at_k(relevance: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> float:
@@ -82,8 +81,9 @@ def precision_at_k(relevance: np.ndarray, k: int, n_relevant: np.ndarray | None 
     relevance: (Q, K) bool; k: 1 <= k <= K; n_relevant: optional (Q,) int,
     when given queries with R == 0 are excluded.
     """
-    rel, _ = _included(_check_relevance(relevance, k), n_relevant)
-    return _mean(rel[:, :k].sum(axis=1) / float(k))
+    _check_relevance(relevance, k)
+    v, keep, _ = _values(relevance, n_relevant, [k])
+    return _mean(v[f"precision@{int(k)}"][keep])
 
 
 def map_at_k(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> float:
@@ -95,8 +95,9 @@ def map_at_k(relevance: np.ndarray, n_relevant: np.ndarray, k: int) -> float:
 
     relevance: (Q, K) bool with 1 <= k <= K; n_relevant: (Q,) int.
     """
-    rel, r = _included(_check_relevance(relevance, k), n_relevant)
-    return _mean(_sum_precision_at_hits(rel[:, :k]) / np.minimum(k, r))
+    _check_relevance(relevance, k)
+    v, keep, _ = _values(relevance, n_relevant, [k])
+    return _mean(v[f"map@{int(k)}"][keep])
 
 
 def mean_average_precision(relevance: np.ndarray, n_relevant: np.ndarray) -> float:
@@ -106,17 +107,13 @@ def mean_average_precision(relevance: np.ndarray, n_relevant: np.ndarray) -> flo
     (K == gallery size, or lists long enough that row sums equal R), else
     ValueError. n_relevant: (Q,) int.
     """
-    rel, r = _included(_check_relevance(relevance), n_relevant)
-    if np.any(rel.sum(axis=1) != r):
-        raise ValueError("mean_average_precision needs every relevant item inside the ranked lists")
-    return _mean(_sum_precision_at_hits(rel) / r)
+    v, keep, _ = _values(relevance, n_relevant, full=True)
+    return _mean(v["map"][keep])
 
 
-def _top_r(relevance: np.ndarray, n_relevant: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    rel, r = _included(_check_relevance(relevance), n_relevant)
-    if r.size and r.max() > rel.shape[1]:
-        raise ValueError(f"{name} needs ranked lists at least R long (max R {r.max()} > K {rel.shape[1]})")
-    return rel & (np.arange(rel.shape[1]) < r[:, None]), r
+def _check_depth(relevance: np.ndarray, r: np.ndarray, keep: np.ndarray, name: str) -> None:
+    if keep.any() and r[keep].max() > relevance.shape[1]:
+        raise ValueError(f"{name} needs ranked lists at least R long (max R {r[keep].max()} > K {relevance.shape[1]})")
 
 
 def map_at_r(relevance: np.ndarray, n_relevant: np.ndarray) -> float:
@@ -125,8 +122,9 @@ def map_at_r(relevance: np.ndarray, n_relevant: np.ndarray) -> float:
     Per query: sum_{i<=R} P@i * rel_i / R. relevance: (Q, K) bool with
     K >= max R over the included queries; n_relevant: (Q,) int.
     """
-    rel, r = _top_r(relevance, n_relevant, "map_at_r")
-    return _mean(_sum_precision_at_hits(rel) / r)
+    v, keep, r = _values(relevance, n_relevant)
+    _check_depth(relevance, r, keep, "map_at_r")
+    return _mean(v["map@r"][keep])
 
 
 def r_precision(relevance: np.ndarray, n_relevant: np.ndarray) -> float:
@@ -135,12 +133,13 @@ def r_precision(relevance: np.ndarray, n_relevant: np.ndarray) -> float:
     relevance: (Q, K) bool with K >= max R over the included queries;
     n_relevant: (Q,) int.
     """
-    rel, r = _top_r(relevance, n_relevant, "r_precision")
-    return _mean(rel.sum(axis=1) / r)
+    v, keep, r = _values(relevance, n_relevant)
+    _check_depth(relevance, r, keep, "r_precision")
+    return _mean(v["r_precision"][keep])
 
 
-def _encode_labels(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray, int]:
-    """Map both label arrays to int codes over their union (np.unique)."""
+def encode_labels(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray, int]:
+    """(Q,) and (G,) labels -> (Q,) and (G,) int64 codes over their union (np.unique), and its size."""
     q, g = np.asarray(query_labels), np.asarray(gallery_labels)
     if q.ndim != 1 or g.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shapes {q.shape} and {g.shape}")
@@ -148,13 +147,13 @@ def _encode_labels(query_labels, gallery_labels) -> tuple[np.ndarray, np.ndarray
     if q.size and g.size and text[0] != text[1]:
         raise ValueError(f"query and gallery labels have different types ({q.dtype} vs {g.dtype})")
     uniq, codes = np.unique(np.concatenate([q, g]), return_inverse=True)
-    codes = codes.reshape(-1)
+    codes = codes.reshape(-1).astype(np.int64)
     return codes[: q.size], codes[q.size :], uniq.size
 
 
 def rank_relevance(query_labels, gallery_labels, ranked_indices: np.ndarray) -> np.ndarray:
     """(Q,) labels, (G,) labels, (Q, K) int gallery indices -> (Q, K) bool relevance."""
-    q, g, _ = _encode_labels(query_labels, gallery_labels)
+    q, g, _ = encode_labels(query_labels, gallery_labels)
     ranked = np.asarray(ranked_indices)
     if ranked.ndim != 2 or ranked.shape[0] != q.size or ranked.dtype.kind not in "iu":
         raise ValueError(f"ranked_indices must be ({q.size}, K) ints, got {ranked.dtype} {ranked.shape}")
@@ -165,22 +164,8 @@ def rank_relevance(query_labels, gallery_labels, ranked_indices: np.ndarray) -> 
 
 def count_relevant(query_labels, gallery_labels) -> np.ndarray:
     """(Q,) labels, (G,) labels -> (Q,) int64 number of gallery items sharing each query's label."""
-    q, g, n = _encode_labels(query_labels, gallery_labels)
+    q, g, n = encode_labels(query_labels, gallery_labels)
     return np.bincount(g, minlength=n).astype(np.int64)[q]
-
-
-def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks) -> dict[str, float]:
-    ks = [int(k) for k in ks]
-    for k in ks:
-        _check_relevance(relevance, k)
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"recall@{k}"] = recall_at_k(relevance, k, n_relevant)
-        out[f"precision@{k}"] = precision_at_k(relevance, k, n_relevant)
-        out[f"map@{k}"] = map_at_k(relevance, n_relevant, k)
-    out["n_queries"] = int(relevance.shape[0])
-    out["n_queries_without_relevant"] = int(np.sum(n_relevant == 0))
-    return out
 
 
 def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) -> dict[str, float]:
@@ -195,13 +180,15 @@ def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) 
     """
     relevance = rank_relevance(query_labels, gallery_labels, ranked_indices)
     n_relevant = count_relevant(query_labels, gallery_labels)
-    out = _evaluate(relevance, n_relevant, ks)
-    if not n_relevant.size or n_relevant.max() <= relevance.shape[1]:
-        out["map@r"] = map_at_r(relevance, n_relevant)
-        out["r_precision"] = r_precision(relevance, n_relevant)
-    if np.array_equal(relevance.sum(axis=1), n_relevant):
-        out["map"] = mean_average_precision(relevance, n_relevant)
-    return out
+    ks = [int(k) for k in ks]
+    for k in ks:
+        _check_relevance(relevance, k)
+    ranks, offsets = hit_ranks(relevance)
+    full = bool(np.array_equal(np.diff(offsets), n_relevant))
+    values = per_query_metrics(ranks, offsets, n_relevant, ks, full=full)
+    if n_relevant.size and n_relevant.max() > relevance.shape[1]:
+        del values["map@r"], values["r_precision"]
+    return summarize(values, n_relevant)
 
 
 def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) -> dict[str, float]:
@@ -215,8 +202,8 @@ def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) 
         raise ValueError(f"a full ranking has one column per gallery item, got shape {ranked.shape}")
     relevance = rank_relevance(query_labels, gallery_labels, ranked)
     n_relevant = count_relevant(query_labels, gallery_labels)
-    out = _evaluate(relevance, n_relevant, ks)
-    out["map"] = mean_average_precision(relevance, n_relevant)
-    out["map@r"] = map_at_r(relevance, n_relevant)
-    out["r_precision"] = r_precision(relevance, n_relevant)
-    return out
+    ks = [int(k) for k in ks]
+    for k in ks:
+        _check_relevance(relevance, k)
+    ranks, offsets = hit_ranks(relevance)
+    return summarize(per_query_metrics(ranks, offsets, n_relevant, ks, full=True), n_relevant)

@@ -1,0 +1,166 @@
+"""Full-ranking metrics streamed over query chunks, in bounded memory.
+
+The scores of one chunk of queries against the whole gallery, an (n, G)
+block, come from a pluggable *score function*; the default is a matmul
+against a (possibly memory-mapped) gallery, read once per chunk. Each row is
+reduced at once to the ranks of its relevant items (:class:`RankCounter`,
+no sort of the row) and those to per-query metric values; nothing of size
+Q x G is ever held, and no index array is built for a whole gallery row.
+
+Peak memory is about: the score block (``max_block_bytes``), plus ~21 bytes
+per gallery item per worker thread, plus the gallery pages the OS keeps
+mapped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from clipret.evaluation.ranks import RankCounter
+from clipret.metrics import per_query_metrics, summarize
+
+__all__ = ["ScoreFn", "DEFAULT_BLOCK_BYTES", "chunk_rows", "matmul_scores", "score_chunks", "evaluate_scores"]
+
+ScoreFn = Callable[[int, int], np.ndarray]
+"""``score_fn(q0, q1) -> (q1 - q0, G)`` float scores of queries q0..q1-1, higher is better.
+
+The returned block is read before the next call, so a score function may
+reuse one output buffer.
+"""
+
+DEFAULT_BLOCK_BYTES = 512 * 2**20
+_HITS_PER_BATCH = 1 << 20  # rank arrays gathered before they are reduced to metrics
+
+
+def chunk_rows(n_gallery: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize: int = 4) -> int:
+    """Query rows per chunk so that an (rows, G) score block fits ``max_block_bytes`` (at least 1)."""
+    return max(1, int(max_block_bytes) // (itemsize * max(1, int(n_gallery))))
+
+
+def matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int) -> ScoreFn:
+    """Cosine scores ``query[q0:q1] @ gallery.T`` into one reused (rows, G) float32 buffer.
+
+    query: (Q, D), gallery: (G, D) float32, L2-normalised; either may be a
+    memory map (the gallery is then streamed from disk once per call).
+    """
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"need (Q, D) queries and a (G, D) gallery, got {query.shape} and {gallery.shape}")
+    g_t = np.asarray(gallery).T
+    buf = np.empty((max(1, rows), gallery.shape[0]), dtype=np.float32)
+
+    def score(q0: int, q1: int) -> np.ndarray:
+        if q1 - q0 > buf.shape[0]:
+            raise ValueError(f"asked for {q1 - q0} rows; this score function holds {buf.shape[0]}")
+        q = np.ascontiguousarray(query[q0:q1], dtype=np.float32)
+        return np.matmul(q, g_t, out=buf[: q1 - q0])
+
+    return score
+
+
+def score_chunks(score_fn: ScoreFn, query_codes: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (scores (n, G), query label codes (n,)) for consecutive chunks of ``rows`` queries."""
+    for q0 in range(0, len(query_codes), rows):
+        q1 = min(q0 + rows, len(query_codes))
+        yield score_fn(q0, q1), query_codes[q0:q1]
+
+
+def evaluate_scores(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    gallery_codes: np.ndarray,
+    ks: Sequence[int],
+    *,
+    workers: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics from score blocks, one chunk of queries at a time.
+
+    chunks: (scores (n, G) float32/float64, higher is better, finite;
+    query label codes (n,) int) pairs, e.g. from :func:`score_chunks`.
+    gallery_codes: (G,) int label codes, in the same code space as the
+    queries' (see :func:`clipret.metrics.encode_labels`). ks: cut-offs.
+    workers: threads that count ranks (default: the CPUs this process may use).
+    on_progress: called with the number of queries finished after each chunk.
+
+    Returns what :func:`clipret.metrics.evaluate_full` returns for the same
+    ranking (ties -> lower gallery index), without ever sorting a row.
+    """
+    gallery_codes = np.asarray(gallery_codes)
+    if gallery_codes.ndim != 1 or gallery_codes.size == 0 or gallery_codes.dtype.kind not in "iu" or gallery_codes.min() < 0:
+        raise ValueError(f"gallery_codes must be a non-empty (G,) array of ints >= 0, got {gallery_codes.dtype} {gallery_codes.shape}")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1 or max(ks) > gallery_codes.size:
+        raise ValueError(f"every k must be in [1, {gallery_codes.size}], got {ks}")
+    members = _Members(gallery_codes)
+    workers = max(1, int(workers or _cpus()))
+    counters = [RankCounter(gallery_codes.size) for _ in range(workers)]
+    values: list[dict[str, np.ndarray]] = []
+    n_relevant: list[np.ndarray] = []
+
+    def run(part: int, block: np.ndarray, codes: np.ndarray, lo: int, hi: int) -> list:
+        out, ranks, r, held = [], [], [], 0
+        for i in range(lo, hi):
+            relevant = members.of(int(codes[i]))
+            ranks.append(np.sort(counters[part].ranks(block[i], relevant)) + 1)
+            r.append(relevant.size)
+            held += relevant.size
+            if held >= _HITS_PER_BATCH or i == hi - 1:
+                out.append(_per_query(ranks, r, ks))
+                ranks, r, held = [], [], 0
+        return out
+
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for block, codes in chunks:
+            block, codes = np.asarray(block), np.asarray(codes)
+            if block.ndim != 2 or block.shape != (codes.shape[0], gallery_codes.size):
+                raise ValueError(f"a score block must be ({codes.shape[0]}, {gallery_codes.size}), got {block.shape}")
+            if codes.size == 0:
+                continue
+            cuts = np.linspace(0, codes.size, min(workers, codes.size) + 1).astype(int)
+            jobs = [(p, block, codes, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+            parts = list(pool.map(lambda j: run(*j), jobs)) if pool else [run(*jobs[0])]
+            for part in parts:
+                for v, r in part:
+                    values.append(v)
+                    n_relevant.append(r)
+            if on_progress is not None:
+                on_progress(int(codes.size))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if not values:
+        raise ValueError("no query to evaluate")
+    merged = {name: np.concatenate([v[name] for v in values]) for name in values[0]}
+    return summarize(merged, np.concatenate(n_relevant))
+
+
+def _per_query(ranks: list[np.ndarray], r: list[int], ks: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    n_rel = np.asarray(r, dtype=np.int64)
+    offsets = np.zeros(n_rel.size + 1, dtype=np.int64)
+    np.cumsum(n_rel, out=offsets[1:])
+    return per_query_metrics(np.concatenate(ranks), offsets, n_rel, ks, full=True), n_rel
+
+
+class _Members:
+    """Gallery indices of each label code, ascending: (R,) int64 views into one array."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        self._order = np.argsort(codes, kind="stable").astype(np.int64)
+        self._starts = np.zeros(int(codes.max()) + 2, dtype=np.int64)
+        np.cumsum(np.bincount(codes, minlength=self._starts.size - 1), out=self._starts[1:])
+
+    def of(self, code: int) -> np.ndarray:
+        if not 0 <= code < self._starts.size - 1:
+            return self._order[:0]
+        return self._order[self._starts[code] : self._starts[code + 1]]
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
