@@ -165,3 +165,123 @@ def ref_topk(queries, gallery, k):
         out_idx.append([j for _, j in scored[:k]])
         out_scores.append([-s for s, _ in scored[:k]])
     return out_scores, out_idx
+
+
+# ---------------------------------------------------------------------------
+# k-reciprocal re-ranking (Zhong et al., CVPR 2017), clipret.retrieval.rerank.
+#
+# Items are ordered [queries..., gallery...]. Every neighbour list sorts by
+# ascending (normalised) distance, ties -> lower item index. Both functions
+# return the (Q, G) final distances; rank a query's gallery ascending, ties ->
+# lower gallery index.
+# ---------------------------------------------------------------------------
+
+
+def _ref_reciprocal(rank, i, length):
+    """Items j in i's first ``length`` neighbours that also have i in their first ``length``."""
+    return [j for j in rank[i][:length] if i in rank[j][:length]]
+
+
+def ref_k_reciprocal_rerank(query, gallery, k1=20, k2=6, lam=0.3):
+    """The paper's algorithm over all Q+G items, one item and one pair at a time (float64)."""
+    import numpy as np
+
+    x = [np.asarray(v, dtype=np.float64) for v in list(query) + list(gallery)]
+    n, nq = len(x), len(query)
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            diff = x[i] - x[j]
+            dist[i, j] = float(diff @ diff)  # squared Euclidean distance
+    for i in range(n):  # each row divided by its largest distance to any of the Q+G items
+        top = max(dist[i])
+        dist[i] = dist[i] / top if top > 0 else 0.0
+    rank = [sorted(range(n), key=lambda j: (dist[i, j], j)) for i in range(n)]  # self first (distance 0)
+
+    v = np.zeros((n, n))
+    half = int(np.around(k1 / 2.0)) + 1  # numpy rounds half to even
+    for i in range(n):
+        recip = _ref_reciprocal(rank, i, k1 + 1)
+        expanded = set(recip)
+        for c in recip:
+            cand = _ref_reciprocal(rank, c, half)
+            overlap = len(set(cand) & set(recip))
+            if overlap > 2.0 / 3.0 * len(cand):
+                expanded |= set(cand)
+        weights = {j: math.exp(-dist[i, j]) for j in expanded}
+        total = sum(weights.values())
+        for j, w in weights.items():
+            v[i, j] = w / total
+
+    if k2 != 1:  # local query expansion: mean of V over the first k2 neighbours (self included)
+        v_qe = np.zeros((n, n))
+        for i in range(n):
+            rows = rank[i][:k2]
+            for r in rows:
+                v_qe[i] += v[r]
+            v_qe[i] /= len(rows)
+        v = v_qe
+
+    final = np.zeros((nq, n - nq))
+    for qi in range(nq):
+        for gj in range(n - nq):
+            j = nq + gj
+            smin = sum(min(v[qi, c], v[j, c]) for c in range(n))
+            smax = sum(max(v[qi, c], v[j, c]) for c in range(n))
+            jaccard = 1.0 - smin / smax
+            final[qi, gj] = (1.0 - lam) * jaccard + lam * dist[qi, j]
+    return final
+
+
+def dense_k_reciprocal_rerank(query, gallery, k1=20, k2=6, lam=0.3):
+    """The same algorithm in the classic dense shape: (Q+G)^2 float32 matrices, one loop per item.
+
+    This is the baseline bench/rerank.py measures against (memory grows as (Q+G)^2).
+    """
+    import numpy as np
+
+    x = np.concatenate([np.asarray(query, np.float32), np.asarray(gallery, np.float32)])
+    n, nq = x.shape[0], len(query)
+    dist = x @ x.T  # squared distance of unit vectors: 2 - 2 cos
+    dist *= -2.0
+    dist += 2.0
+    np.maximum(dist, 0.0, out=dist)
+    top = dist.max(axis=1, keepdims=True)
+    top[top == 0] = 1.0
+    dist /= top
+    rank = np.argsort(dist, axis=1, kind="stable").astype(np.int32)  # ties -> lower item index
+
+    half = int(np.around(k1 / 2.0)) + 1
+    v = np.zeros((n, n), dtype=np.float32)
+    for i in range(n):
+        fwd = rank[i, : k1 + 1]
+        back = rank[fwd, : k1 + 1]
+        recip = fwd[np.where(back == i)[0]]
+        expanded = recip
+        for c in recip:
+            c_fwd = rank[c, :half]
+            c_back = rank[c_fwd, :half]
+            c_recip = c_fwd[np.where(c_back == c)[0]]
+            if len(np.intersect1d(c_recip, recip)) > 2.0 / 3.0 * len(c_recip):
+                expanded = np.append(expanded, c_recip)
+        expanded = np.unique(expanded)
+        w = np.exp(-dist[i, expanded])
+        v[i, expanded] = w / np.sum(w)
+    dist = dist[:nq]
+    if k2 != 1:
+        v_qe = np.zeros_like(v)
+        for i in range(n):
+            v_qe[i] = np.mean(v[rank[i, :k2]], axis=0)
+        v = v_qe
+        del v_qe
+    del rank
+    inv = [np.where(v[:, j] != 0)[0] for j in range(n)]  # inverted index: rows using column j
+    jaccard = np.zeros((nq, n), dtype=np.float32)
+    for i in range(nq):
+        smin = np.zeros(n, dtype=np.float32)
+        cols = np.where(v[i] != 0)[0]
+        for j in cols:
+            smin[inv[j]] += np.minimum(v[i, j], v[inv[j], j])
+        jaccard[i] = 1.0 - smin / (2.0 - smin)
+    final = jaccard * (1.0 - lam) + dist * lam
+    return final[:, nq:]

@@ -47,6 +47,13 @@ from clipret.artifacts.model import (
     save_checkpoint,
     save_model_folder,
 )
+from clipret.artifacts.neighbors import (
+    NEIGHBORS_FORMAT,
+    cached_gallery_graph,
+    load_gallery_graph,
+    neighbors_path,
+    save_gallery_graph,
+)
 from clipret.artifacts.results import RESULTS_FORMAT, load_results, load_results_meta, results_meta_path, save_results
 
 __all__ = [
@@ -54,5 +61,6 @@ __all__ = [
     "save_model_folder", "read_model_config", "load_weights_file", "fingerprint_of", "save_checkpoint",
     "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
+    "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
     "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
 ]

@@ -1,0 +1,184 @@
+"""One query batch, encoded for k-reciprocal re-ranking: Jaccard overlaps, final distances, top k.
+
+:class:`RerankBatch` holds the queries' expanded V rows and an inverted index
+(column -> gallery rows) of the gallery's. For a block of queries the
+overlap sum_c min(V_q[c], V_g[c]) is accumulated over the gallery items that
+share a column with the query; every other gallery item has overlap 0 and
+final distance (1 - lam) + lam * original. The exact top k is therefore the
+best of the overlapping items and of the items nearest by original distance
+(each query keeps its L nearest gallery rows from the exact pass); a query
+whose k-th distance could be reached by an unlisted row is redone over the
+whole gallery (rare).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipret.retrieval.ranking import topk_rows
+from clipret.retrieval.rerank_encode import Csr, segment_positions
+from clipret.retrieval.rerank_knn import ragged_topk
+
+_SCRATCH = 1 << 23  # (rows, G) float32 Jaccard accumulator entries per block (32 MiB)
+_GATHER = 1 << 22  # inverted-index entries gathered per block
+_PAIRS = 1 << 14  # vector pairs gathered at once
+_SCORE_EPS = 1e-5  # bound on the float32 rounding of one cosine score
+
+
+def final_distance(overlap: np.ndarray, original: np.ndarray, lam: float) -> np.ndarray:
+    """(1 - lam) * jaccard + lam * original, float32; jaccard = 1 - m / (2 - m) for overlap m."""
+    m = overlap.astype(np.float32)
+    jaccard = np.where(m > 0, np.float32(1) - m / (np.float32(2) - m), np.float32(1))
+    return jaccard * np.float32(1.0 - lam) + original.astype(np.float32) * np.float32(lam)
+
+
+def original_distance(scores: np.ndarray, max_dist: np.ndarray) -> np.ndarray:
+    """Normalised squared distance from cosine scores: max(2 - 2 s, 0) / max_dist (0 where max_dist is 0)."""
+    d = np.maximum(np.float32(2) - np.float32(2) * scores, np.float32(0))
+    return np.divide(d, max_dist, out=np.zeros_like(d), where=max_dist > 0)
+
+
+class Items:
+    """All Q+G items by global id (queries first) without concatenating them."""
+
+    def __init__(self, query: np.ndarray, gallery: np.ndarray) -> None:
+        self.query, self.gallery, self.nq = query, gallery, query.shape[0]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and ids.min() >= self.nq:
+            return np.take(self.gallery, ids - self.nq, axis=0)
+        if ids.size and ids.max() < self.nq:
+            return np.take(self.query, ids, axis=0)
+        out = np.empty((ids.size, self.query.shape[1]), dtype=np.float32)
+        is_q = ids < self.nq
+        out[is_q] = self.query[ids[is_q]]
+        out[~is_q] = self.gallery[ids[~is_q] - self.nq]
+        return out
+
+    def pair_scores(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """(n,) float32 cosine similarity of items i[t] and j[t]."""
+        out = np.empty(i.size, dtype=np.float32)
+        for a in range(0, i.size, _PAIRS):
+            out[a : a + _PAIRS] = np.einsum("nd,nd->n", self.rows(i[a : a + _PAIRS]), self.rows(j[a : a + _PAIRS]))
+        return out
+
+
+@dataclass
+class RerankBatch:
+    """What re-ranking needs for one query batch; see :func:`prepare_rerank`.
+
+    query (Q, D) float32, gallery (G, D); ``max_dist`` (Q,) each query's
+    largest squared distance; ``v_query`` the queries' expanded V rows
+    (Csr over Q+G columns); ``inv_*`` the inverted index of the gallery's
+    expanded V (column -> gallery rows and values); ``top``/``top_scores``
+    (Q, L) each query's L nearest gallery rows.
+    """
+
+    query: np.ndarray
+    gallery: np.ndarray
+    lam: float
+    max_dist: np.ndarray
+    v_query: Csr
+    inv_ptr: np.ndarray
+    inv_rows: np.ndarray
+    inv_vals: np.ndarray
+    top: np.ndarray
+    top_scores: np.ndarray
+
+    @property
+    def n_gallery(self) -> int:
+        return int(self.gallery.shape[0])
+
+    def _blocks(self, chunk: int | None) -> np.ndarray:
+        """Query block boundaries: ``chunk`` rows, or blocks within the scratch and gather budgets."""
+        nq = self.query.shape[0]
+        if chunk is not None:
+            return np.r_[np.arange(0, nq, chunk), nq]
+        ip, cols = self.v_query.indptr, self.v_query.indices
+        work = np.r_[0, np.cumsum(self.inv_ptr[cols + 1] - self.inv_ptr[cols])][ip]  # gathered entries so far
+        starts, rows = [0], max(1, _SCRATCH // self.n_gallery)
+        while starts[-1] < nq:
+            a = starts[-1]
+            b = int(np.searchsorted(work, work[a] + _GATHER, side="right")) - 1
+            starts.append(min(nq, a + rows, max(a + 1, b)))
+        return np.asarray(starts)
+
+    def _overlap(self, a: int, b: int, acc: np.ndarray) -> None:
+        """Add sum_c min(V_q[c], V_g[c]) of queries a..b-1 into flat (b - a, G) ``acc``."""
+        lo, hi = self.v_query.indptr[a], self.v_query.indptr[b]
+        cols, vals = self.v_query.indices[lo:hi], self.v_query.data[lo:hi]
+        rows = np.repeat(np.arange(b - a), np.diff(self.v_query.indptr[a : b + 1]))
+        lengths = self.inv_ptr[cols + 1] - self.inv_ptr[cols]
+        at = segment_positions(self.inv_ptr[cols], lengths)
+        key = np.repeat(rows, lengths) * self.n_gallery + self.inv_rows[at]
+        np.add.at(acc, key, np.minimum(np.repeat(vals, lengths), self.inv_vals[at]))
+
+    def distance_block(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, G) float32 final distances of queries start..stop-1 to the whole gallery."""
+        c, g = stop - start, self.n_gallery
+        acc = np.zeros(c * g, dtype=np.float32)
+        self._overlap(start, stop, acc)
+        scores = np.ascontiguousarray(self.query[start:stop]) @ np.asarray(self.gallery).T
+        return final_distance(acc.reshape(c, g), original_distance(scores, self.max_dist[start:stop, None]), self.lam)
+
+    def topk(
+        self, k: int, chunk: int | None = None, on_progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's best ``k`` gallery rows: (final distances (Q, k'), rows (Q, k') int64), k' = min(k, G)."""
+        nq, g = self.query.shape[0], self.n_gallery
+        k = min(int(k), g)
+        items = Items(self.query, self.gallery)
+        out_d, out_i = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+        starts = self._blocks(chunk)
+        acc = np.zeros(int(np.diff(starts).max()) * g, dtype=np.float32)
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            self._overlap(a, b, acc)
+            listed = (np.arange(b - a)[:, None] * g + self.top[a:b]).ravel()
+            acc[listed] = np.where(acc[listed] > 0, acc[listed], np.float32(-1))  # keep them, overlap 0
+            flat = np.flatnonzero(acc[: (b - a) * g] != 0)
+            rows, cols = np.divmod(flat, g)
+            overlap = np.maximum(acc[flat], 0)
+            acc[flat] = 0
+            if flat.size * 16 > (b - a) * g:  # many candidates: one matrix product beats gathering vectors
+                scores = (np.ascontiguousarray(self.query[a:b]) @ np.asarray(self.gallery).T).reshape(-1)[flat]
+            else:
+                scores = items.pair_scores(rows + a, cols + nq)
+            final = final_distance(overlap, original_distance(scores, self.max_dist[a + rows]), self.lam)
+            keep = slice(None)
+            if self.top.shape[1] >= k:  # the k-th best of the listed rows bounds the k-th best of all
+                kth = np.partition(final[np.searchsorted(flat, listed)].reshape(b - a, -1), k - 1, axis=1)[:, k - 1]
+                keep = final <= kth[rows]
+            neg, idx = ragged_topk(rows[keep], cols[keep], -final[keep], b - a, k)
+            out_d[a:b], out_i[a:b] = -neg, idx
+            for r in np.flatnonzero(~self._proven(a, b, out_d[a:b, k - 1])):
+                sel = rows == r
+                out_d[a + r], out_i[a + r] = self._full_row(a + r, cols[sel], final[sel], k)
+            if on_progress is not None:
+                on_progress(b - a)
+        return out_d, out_i
+
+    def _proven(self, a: int, b: int, kth: np.ndarray) -> np.ndarray:
+        """(b - a,) bool: no gallery row outside the candidates can reach the k-th final distance ``kth``.
+
+        Such a row overlaps nothing and lies beyond the listed L nearest, so its
+        final distance is at least (1 - lam) + lam * original(L-th nearest).
+        """
+        if self.top.shape[1] >= self.n_gallery:
+            return np.ones(b - a, dtype=bool)
+        md = self.max_dist[a:b]
+        floor = final_distance(np.zeros(b - a), original_distance(self.top_scores[a:b, -1], md), self.lam)
+        margin = np.divide(self.lam * 2 * _SCORE_EPS, md, out=np.zeros_like(md), where=md > 0)
+        return floor - margin > kth
+
+    def _full_row(self, q: int, cols: np.ndarray, final: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top k of one query over the whole gallery (rare fallback, O(G D))."""
+        scores = np.asarray(self.gallery) @ np.asarray(self.query[q], dtype=np.float32)
+        row = final_distance(np.zeros(scores.size), original_distance(scores, self.max_dist[q]), self.lam)
+        row[cols] = final
+        neg, idx = topk_rows(-row[None, :], k)
+        return -neg[0], idx[0]
+
+

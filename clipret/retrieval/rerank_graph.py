@@ -1,0 +1,154 @@
+"""The gallery's neighbour graph: the part of re-ranking that does not depend on the queries.
+
+k-reciprocal re-ranking ranks over all Q+G items together, so every gallery
+item needs its nearest items and its largest distance over the queries *and*
+the gallery. The gallery-to-gallery half of that is the expensive part (a
+G x G search) and is the same for every query batch: :class:`GalleryGraph`
+holds it, :func:`build_gallery_graph` computes it once, and
+:mod:`clipret.artifacts.neighbors` caches it next to the gallery.
+:func:`merge_queries` then adds one query batch to it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipret.retrieval.ranking import merge_topk, sort_neighbors
+from clipret.retrieval.rerank_selfknn import symmetric_knn
+from clipret.retrieval.search import Searcher
+
+EXACT = "exact"
+
+
+def graph_neighbors(k1: int, k2: int) -> int:
+    """Neighbours each item needs: its k-reciprocal list (k1 + 1, itself included) and its k2 list."""
+    return max(k1 + 1, k2)
+
+
+@dataclass(frozen=True)
+class GalleryGraph:
+    """Each gallery item's nearest gallery items and its smallest similarity to any of them.
+
+    indices: (G, m) int64 gallery rows, best first by the ranking rule (the
+        item itself is normally first); m = min(neighbors needed, G).
+    scores: (G, m) float32 cosine similarities matching ``indices``.
+    min_scores: (G,) float32 each item's smallest similarity to any gallery
+        item (its largest squared distance is 2 - 2 * min_score).
+    dim: the embedding dimension the graph was built from.
+    method: ``"exact"`` for the built-in exact search, else the searcher's
+        class name (an approximate index gives an approximate graph).
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    min_scores: np.ndarray
+    dim: int
+    method: str = EXACT
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def neighbors(self) -> int:
+        return int(self.indices.shape[1])
+
+    def truncated(self, m: int) -> GalleryGraph:
+        """The same graph keeping only the first ``m`` neighbours (lists are sorted, so still exact)."""
+        m = min(m, self.count)
+        if m > self.neighbors:
+            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {m} needed")
+        return GalleryGraph(self.indices[:, :m], self.scores[:, :m], self.min_scores, self.dim, self.method)
+
+    def check(self, gallery: np.ndarray, m: int) -> None:
+        """Raise ValueError unless this graph belongs to a gallery of this shape and holds ``m`` neighbours."""
+        g, d = gallery.shape
+        if self.count != g or self.dim != d:
+            raise ValueError(f"graph was built for a ({self.count}, {self.dim}) gallery, got {gallery.shape}")
+        if self.neighbors < min(m, g):
+            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {min(m, g)} needed")
+
+
+def build_gallery_graph(
+    gallery: np.ndarray,
+    *,
+    k1: int = 20,
+    k2: int = 6,
+    searcher: Searcher | None = None,
+    chunk: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> GalleryGraph:
+    """The neighbour graph of a (G, D) float32 gallery of unit rows (may be a memory map).
+
+    Without ``searcher`` the lists and the smallest similarities come from one
+    exact chunked pass. A ``searcher`` over the same gallery (for example a
+    FAISS index) supplies the lists instead, and the smallest similarity of x
+    is found as minus the best score of -x. ``on_progress`` receives the
+    number of gallery rows finished (G in total).
+    """
+    m = min(graph_neighbors(k1, k2), gallery.shape[0])
+    if searcher is None:
+        idx, scores, mins = symmetric_knn(gallery, m, chunk, on_progress)
+        return GalleryGraph(idx, scores, mins, int(gallery.shape[1]), EXACT)
+    g = gallery.shape[0]
+    idx = np.empty((g, m), dtype=np.int64)
+    scores = np.empty((g, m), dtype=np.float32)
+    mins = np.empty(g, dtype=np.float32)
+    step = chunk or 4096
+    for r0 in range(0, g, step):
+        rows = np.ascontiguousarray(gallery[r0 : r0 + step], dtype=np.float32)
+        s, i = searcher.search(rows, m)
+        if s.shape != (rows.shape[0], m):
+            raise ValueError(f"searcher returned {s.shape} scores for {rows.shape[0]} rows and k={m}")
+        scores[r0 : r0 + len(rows)], idx[r0 : r0 + len(rows)] = sort_neighbors(np.asarray(s, np.float32), np.asarray(i, np.int64))
+        far, _ = searcher.search(-rows, 1)
+        mins[r0 : r0 + len(rows)] = -np.asarray(far, np.float32)[:, 0]
+        if on_progress is not None:
+            on_progress(len(rows))
+    return GalleryGraph(idx, scores, mins, int(gallery.shape[1]), type(searcher).__name__)
+
+
+def merge_queries(
+    graph: GalleryGraph,
+    q_rows: np.ndarray,
+    g_rows: np.ndarray,
+    values: np.ndarray,
+    n_query: int,
+    m: int,
+    chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each gallery item's top ``m`` over queries and gallery together.
+
+    (q_rows, g_rows, values), grouped by gallery row, are query-gallery
+    similarities that reach the gallery item's m-th best gallery score (the
+    only queries that can enter its list, ties included), at most ``m`` per
+    gallery row. Item ids are global: queries 0..Q-1, gallery Q..Q+G-1.
+    Returns (indices (G, m) int64, scores (G, m) float32), best first;
+    ``chunk`` gallery rows are merged at a time.
+    """
+    g = graph.count
+    base_i = graph.indices + n_query
+    out_i = np.empty((g, m), dtype=np.int64)
+    out_s = np.empty((g, m), dtype=np.float32)
+    out_i[:, : graph.neighbors] = base_i[:, :m]
+    out_s[:, : graph.neighbors] = graph.scores[:, :m]
+    if g_rows.size == 0:
+        return out_i, out_s
+    first = np.flatnonzero(np.r_[True, g_rows[1:] != g_rows[:-1]])
+    counts = np.diff(np.r_[first, g_rows.size])
+    hit = g_rows[first]
+    pos = np.arange(g_rows.size) - np.repeat(first, counts)
+    extra_s = np.full((hit.size, int(counts.max())), -np.inf, dtype=np.float32)
+    extra_i = np.full(extra_s.shape, n_query + g, dtype=np.int64)  # padding sorts after every real item
+    hit_row = np.repeat(np.arange(hit.size), counts)
+    extra_s[hit_row, pos] = values
+    extra_i[hit_row, pos] = q_rows
+    step = chunk or 1 << 16
+    for a in range(0, hit.size, step):
+        h = hit[a : a + step]
+        s, i = merge_topk((graph.scores[h], base_i[h]), (extra_s[a : a + step], extra_i[a : a + step]), m)
+        out_s[h], out_i[h] = s, i
+    return out_i, out_s
