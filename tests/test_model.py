@@ -1,5 +1,8 @@
 import json
 import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,14 +27,42 @@ def test_encoder_shapes_and_norm(cfg):
     assert "proj" not in dict(net.named_parameters())  # CLIP's projection is dropped
 
 
-def test_vit_gem_pools_patch_tokens_only():
-    spec = make_spec(str(TINY_VIT), "none")
-    net = build_encoder(spec).eval()
-    x = torch.randn(2, 3, 64, 64)
-    cls, tokens = net.tower(x)
-    assert cls.shape == (2, 96) and tokens.shape == (2, 64, 96)  # 8x8 patches, CLS excluded
-    expected = net.pool(tokens)
-    torch.testing.assert_close(net.pooled(x), expected)
+@pytest.mark.parametrize(
+    ("model", "kwargs", "match"),
+    [
+        (TINY_VIT, {"pool": "foo"}, "unknown --pool 'foo'; choose one of gem, cls, mean"),
+        (TINY_VIT, {"gem_input": "relu"}, "unknown --gem-input 'relu'; choose one of clamp, softplus, shift"),
+        (TINY_RN, {"pool": "cls"}, "--pool cls needs a ViT backbone"),
+        ("RN50", {"pool": "cls"}, "RN50 is a ResNet; use --pool gem or --pool mean"),
+        ("ViT-H-14-CLIPA", {"pool": "cls"}, "without a CLS token"),
+        ("ViT-B-16-SigLIP", {"pool": "gem"}, "timm image towers"),
+        ("coca_ViT-B-32", {"pool": "gem"}, "attentional pooling"),
+    ],
+)
+def test_make_spec_refuses_bad_pool_settings_before_any_download(monkeypatch, model, kwargs, match):
+    def no_download(*a, **k):
+        raise AssertionError("make_spec must not fetch weights")
+
+    import open_clip
+
+    monkeypatch.setattr(backbone, "fetch_weights", no_download)
+    monkeypatch.setattr(open_clip, "download_pretrained", no_download)
+    with pytest.raises(ClipretError, match=re.escape(match)) as exc:
+        make_spec(str(model), None, **kwargs)  # None: the model's default tag, never downloaded here
+    assert "\n" not in str(exc.value)
+
+
+def test_pool_choices_are_exported_without_torch():
+    code = "import sys; from clipret.model.choices import POOLS, GEM_INPUTS; print(POOLS, GEM_INPUTS, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() [-1] == "False"
+    from clipret.model.net import POOLS
+    from clipret.model.pooling import GEM_INPUTS
+
+    assert POOLS == ("gem", "cls", "mean") and GEM_INPUTS == ("clamp", "softplus", "shift")
+    for pool in POOLS:  # every exported choice is accepted
+        for how in GEM_INPUTS:
+            assert make_spec(str(TINY_VIT), "none", pool=pool, gem_input=how).pool == pool
 
 
 def test_preprocess_comes_from_open_clip_not_imagenet():

@@ -16,11 +16,11 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from clipret.errors import ClipretError
+from clipret.model import _open_clip
 
 NO_WEIGHTS = {"none", "", "random"}
 
@@ -80,9 +80,7 @@ def tag_config(name: str, pretrained: str) -> dict[str, Any]:
 
 def preprocess_for(cfg: dict[str, Any], tag_cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
     """Image size, mean, std, interpolation and resize mode, as open_clip defines them."""
-    from open_clip.transform import PreprocessCfg
-
-    pre = asdict(PreprocessCfg())
+    pre = _open_clip.preprocess_defaults()
     pre.update({k: v for k, v in cfg.get("preprocess_cfg", {}).items() if k in pre})
     pre.update({k: v for k, v in tag_cfg.items() if k in pre})
     size = image_size or cfg["vision_cfg"].get("image_size", pre["size"])
@@ -122,29 +120,31 @@ def fetch_weights(name: str, pretrained: str) -> Path | None:
 
 def build_visual(cfg: dict[str, Any], quick_gelu: bool, image_size: int | None = None) -> Any:
     """Construct the image tower from an open_clip config; never touches disk or network."""
-    from open_clip.model import _build_vision_tower
-
-    vision_cfg = dict(cfg["vision_cfg"])
-    if image_size:
-        vision_cfg["image_size"] = image_size
-    return _build_vision_tower(embed_dim=cfg["embed_dim"], vision_cfg=vision_cfg, quick_gelu=quick_gelu)
+    return _open_clip.build_visual(cfg, quick_gelu, image_size)
 
 
-def load_visual_weights(visual: Any, state: dict[str, Any]) -> None:
-    """Load an open_clip CLIP state dict (``visual.*`` keys) or a bare tower state dict."""
-    from types import SimpleNamespace
+def load_visual_weights(visual: Any, state: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Load an open_clip CLIP state dict (``visual.*`` keys) or a bare tower state dict.
 
-    from open_clip.model import resize_pos_embed
-
+    A position embedding for another grid (``--image-size`` differing from
+    the weights') is resized to the tower's grid. Tower parameters and
+    submodules named in ``skip`` (the CLIP head a :class:`TokenTower` dropped)
+    are ignored.
+    """
     if any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
         state = {k: v for k, v in state.items() if k.startswith("visual.")}
     else:
         state = {f"visual.{k}": v for k, v in state.items()}
-    resize_pos_embed(state, SimpleNamespace(visual=visual))
+    _open_clip.resize_pos_embed(state, visual)
     tower_state = {k.removeprefix("visual."): v for k, v in state.items()}
-    missing, unexpected = visual.load_state_dict(tower_state, strict=False)
+    tower_state = {k: v for k, v in tower_state.items() if not any(k == n or k.startswith(n + ".") for n in skip)}
+    try:
+        missing, unexpected = visual.load_state_dict(tower_state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: torch lists every one, over many lines
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise ClipretError(f"weights do not fit this model ({first[:200]}); check that --model matches the weights") from None
     if missing or unexpected:
         shown = ", ".join((missing or unexpected)[:4])
         raise ClipretError(

@@ -16,9 +16,13 @@ from torch import nn
 
 from clipret import artifacts
 from clipret.errors import ClipretError
-from clipret.model import backbone
+from clipret.model import _open_clip, backbone
+from clipret.model.choices import GEM_INPUTS, POOLS
 from clipret.model.net import ClipImageEncoder, RetrievalNet
 from clipret.model.tower import TokenTower
+
+#: ``ModelSpec.pool`` values: the trainable pools, and ``clip`` (CLIP's own embedding, zero-shot).
+SPEC_POOLS = (*POOLS, "clip")
 
 
 @dataclass
@@ -55,8 +59,16 @@ def make_spec(
     dropout: float = 0.1,
     image_size: int | None = None,
 ) -> ModelSpec:
-    """Resolve ``--model``/``--pretrained`` into a spec (no weights are read yet)."""
+    """Resolve ``--model``/``--pretrained`` into a spec (no weights are read yet).
+
+    Reads only the open_clip config (and, for a tag, open_clip's tag table),
+    so callers can validate settings before any image check or download.
+    Raises ClipretError for an unknown model, tag, ``pool`` or ``gem_input``,
+    and for a pool the tower cannot give (``cls`` on a ResNet).
+    """
+    check_pool(pool, gem_input)
     name, cfg = backbone.clip_config_for(model)
+    check_pool_fits_tower(pool, cfg, name)
     if pretrained is None:
         pretrained = backbone.default_tag(name)
     tag_cfg = backbone.tag_config(name, pretrained)
@@ -75,20 +87,43 @@ def make_spec(
     )
 
 
+def check_pool(pool: str, gem_input: str = "clamp") -> None:
+    """ClipretError (one line) unless ``pool`` and ``gem_input`` are known values."""
+    if pool not in SPEC_POOLS:
+        raise ClipretError(f"unknown --pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if gem_input not in GEM_INPUTS:
+        raise ClipretError(f"unknown --gem-input {gem_input!r}; choose one of {', '.join(GEM_INPUTS)}")
+
+
+def check_pool_fits_tower(pool: str, cfg: dict[str, Any], name: str = "this model") -> None:
+    """ClipretError (one line) if the config's image tower cannot be pooled with ``pool``."""
+    if pool == "clip":
+        return  # CLIP's own embedding: every tower open_clip builds has one
+    kind = _open_clip.tower_kind_of_config(cfg)
+    if pool == "cls" and kind != "vit":
+        raise ClipretError(f"--pool cls needs a ViT backbone, and {name} is a ResNet; use --pool gem or --pool mean")
+    if pool == "cls" and not _open_clip.has_cls_output(cfg):
+        raise ClipretError(f"{name} pools its tokens without a CLS token; use --pool gem or --pool mean")
+
+
 def build_encoder(spec: ModelSpec) -> nn.Module:
     """Construct the encoder with random weights. Touches neither disk nor network."""
-    visual = backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size)
-    if spec.pool == "clip":
-        return ClipImageEncoder(visual)
-    return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input)
+    return _assemble(spec, backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size))
 
 
 def create_encoder(spec: ModelSpec) -> nn.Module:
     """Build the encoder and load the backbone's pretrained weights (download if a tag)."""
     path = backbone.fetch_weights(spec.backbone, spec.pretrained)
     visual = backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size)
+    encoder = _assemble(spec, visual)
     if path is not None:
-        backbone.load_visual_weights(visual, artifacts.load_weights_file(path))
+        skip = encoder.tower.dropped if isinstance(encoder, RetrievalNet) else ()
+        backbone.load_visual_weights(visual, artifacts.load_weights_file(path), skip=skip)
+    return encoder
+
+
+def _assemble(spec: ModelSpec, visual: nn.Module) -> nn.Module:
+    """The encoder ``spec`` describes, around an already built image tower."""
     if spec.pool == "clip":
         return ClipImageEncoder(visual)
     return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input)

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GEM_INPUTS = ("clamp", "softplus", "shift")
+from clipret.model.choices import GEM_INPUTS
+
+__all__ = ["GEM_INPUTS", "GeM", "MeanPool", "gem", "nonnegative"]
 
 
 def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6, dim: int = 1) -> torch.Tensor:
