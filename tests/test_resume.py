@@ -65,7 +65,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert sa["model"][k].equal(sb["model"][k]), k
     rows_a = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]  # noqa: E731
     assert strip(rows_a) == strip(rows_b)
 
 

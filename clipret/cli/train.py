@@ -57,7 +57,8 @@ def train_command(
     ctx: typer.Context,
     root: Annotated[Optional[Path], typer.Argument(
         help="Dataset root holding training/<class>/* (or the class folders themselves). "
-             "With --resume and no --out: the run folder to continue.", show_default=False)] = None,
+             "With --resume and no --out: the run folder to continue.",
+        show_default=False, metavar="ROOT")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")] = Path("runs/clipret"),
     model: Model = "ViT-L-14",
     pretrained: Pretrained = None,
@@ -173,14 +174,18 @@ def _run(start: Any) -> None:
     _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
 
 
+def _shown(value: Any) -> Any:
+    return "auto" if value is None else value  # workers None is the automatic choice
+
+
 def _setup_lines(payload: dict[str, Any]) -> None:
     resumed = payload["resumed"]
     if resumed is not None:
         changed = resumed["changed"]
-        shown = lambda v: "auto" if v is None else v
-        what = "; overridden: " + ", ".join(f"{n.replace('_', '-')} {shown(new)} (was {shown(old)})"
+        what = "; overridden: " + ", ".join(f"{n.replace('_', '-')} {_shown(new)} (was {_shown(old)})"
                                             for n, (old, new) in changed.items()) if changed else ""
-        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}")
+        done = "; it had finished, nothing is left to train" if resumed["step"] >= payload["total_steps"] else ""
+        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}{done}")
     _console.info(
         f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
         f"{payload['n_classes']} classes, {payload['n_val']} held out; P×K = {payload['p']}×{payload['k']}; "

@@ -95,16 +95,9 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> dict[str, Any]:
-    cfg, data = state.cfg, state.data
-    on_event("setup", {
-        "n_images": len(data.ids), "n_train": len(data.train_idx), "n_val": len(data.val_idx),
-        "n_classes": len(data.classes), "p": state.p, "k": cfg.k, "small_classes": state.sampler.small_classes,
-        "warnings": state.warnings, "total_steps": state.total_steps, "start_step": state.step,
-        "device": str(state.device), "amp": str(state.amp).replace("torch.", "") if state.amp is not None else "none", "workers": state.workers,
-        "backbone": state.spec.backbone, "pretrained": state.spec.pretrained, "resumed": resumed,
-        "excluded": [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())],
-    })
-    for epoch in range(state.start_epoch, cfg.epochs):
+    """Report the setup, train the remaining epochs, report and return the summary."""
+    on_event("setup", _setup_payload(state, resumed))
+    for epoch in range(state.start_epoch, state.cfg.epochs):
         losses, seen, seconds = run_epoch(state, epoch, on_event)
         on_event("epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
     best = state.best["epoch"]
@@ -112,6 +105,19 @@ def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> 
                "out": str(state.out), "steps": state.step}
     on_event("done", summary)
     return summary
+
+
+def _setup_payload(state: TrainState, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    cfg, data = state.cfg, state.data
+    return {
+        "n_images": len(data.ids), "n_train": len(data.train_idx), "n_val": len(data.val_idx),
+        "n_classes": len(data.classes), "p": state.p, "k": cfg.k, "small_classes": state.sampler.small_classes,
+        "warnings": state.warnings, "total_steps": state.total_steps, "start_step": state.step,
+        "device": str(state.device), "amp": str(state.amp).replace("torch.", "") if state.amp is not None else "none",
+        "workers": state.workers, "backbone": state.spec.backbone, "pretrained": state.spec.pretrained,
+        "resumed": resumed,  # None, or {"step": steps already taken, "changed": {setting: (saved, new)}}
+        "excluded": [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())],
+    }
 
 
 def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[float], int, float]:
