@@ -169,6 +169,16 @@ def test_distance_block_equals_the_reference_and_the_topk_path():
     np.testing.assert_allclose(dist, np.take_along_axis(block, idx, axis=1), atol=1e-6)
 
 
+def test_topk_past_the_listed_nearest_rows_is_still_exact():
+    """Ask for more than the L nearest rows kept per query: rows that cannot be proven are redone in full."""
+    query, gallery = clustered(6, 90, 16, seed=27)
+    for lam in (0.0, 0.3, 1.0):
+        batch = prepare_rerank(query, gallery, lam=lam)  # k not given: keeps L = k1 + 1 = 21 rows
+        assert batch.top.shape[1] == 21
+        dist, idx = batch.topk(60)
+        assert_same_ranking(ref_k_reciprocal_rerank(query, gallery, lam=lam), 1 - dist, idx)
+
+
 def test_results_depend_on_the_query_batch():
     """Transductive, as in the paper: other queries change a query's result, and each batch matches the reference."""
     query, gallery = clustered(8, 80, 12, seed=13)

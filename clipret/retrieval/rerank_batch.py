@@ -135,30 +135,38 @@ class RerankBatch:
         starts = self._blocks(chunk)
         acc = np.zeros(int(np.diff(starts).max()) * g, dtype=np.float32)
         for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            c, md = b - a, self.max_dist[a:b]
             self._overlap(a, b, acc)
-            listed = (np.arange(b - a)[:, None] * g + self.top[a:b]).ravel()
+            listed = (np.arange(c)[:, None] * g + self.top[a:b]).ravel()
             acc[listed] = np.where(acc[listed] > 0, acc[listed], np.float32(-1))  # keep them, overlap 0
-            flat = np.flatnonzero(acc[: (b - a) * g] != 0)
+            flat = np.flatnonzero(acc[: c * g] != 0)
             rows, cols = np.divmod(flat, g)
             overlap = np.maximum(acc[flat], 0)
             acc[flat] = 0
-            if flat.size * 16 > (b - a) * g:  # many candidates: one matrix product beats gathering vectors
-                scores = (np.ascontiguousarray(self.query[a:b]) @ np.asarray(self.gallery).T).reshape(-1)[flat]
-            else:
-                scores = items.pair_scores(rows + a, cols + nq)
-            final = final_distance(overlap, original_distance(scores, self.max_dist[a + rows]), self.lam)
             keep = slice(None)
-            if self.top.shape[1] >= k:  # the k-th best of the listed rows bounds the k-th best of all
-                kth = np.partition(final[np.searchsorted(flat, listed)].reshape(b - a, -1), k - 1, axis=1)[:, k - 1]
-                keep = final <= kth[rows]
-            neg, idx = ragged_topk(rows[keep], cols[keep], -final[keep], b - a, k)
+            if self.top.shape[1] >= k:
+                # final >= (1 - lam) * jaccard, and the k-th best listed row bounds the k-th best of all:
+                # only the candidates below that bound need their original distance
+                at = np.searchsorted(flat, listed).reshape(c, -1)
+                listed_final = final_distance(overlap[at], original_distance(self.top_scores[a:b], md[:, None]), self.lam)
+                kth = np.partition(listed_final, k - 1, axis=1)[:, k - 1] + self._margin(md)
+                keep = final_distance(overlap, np.zeros_like(overlap), self.lam) <= kth[rows]
+            r, cl = rows[keep], cols[keep]
+            final = final_distance(overlap[keep], original_distance(items.pair_scores(r + a, cl + nq), md[r]), self.lam)
+            neg, idx = ragged_topk(r, cl, -final, c, k)
             out_d[a:b], out_i[a:b] = -neg, idx
-            for r in np.flatnonzero(~self._proven(a, b, out_d[a:b, k - 1])):
-                sel = rows == r
-                out_d[a + r], out_i[a + r] = self._full_row(a + r, cols[sel], final[sel], k)
+            for row in np.flatnonzero(~self._proven(a, b, out_d[a:b, k - 1])):
+                sel = rows == row
+                orig = original_distance(items.pair_scores(np.full(int(sel.sum()), a + row), cols[sel] + nq), md[row])
+                out_d[a + row], out_i[a + row] = self._full_row(a + row, cols[sel], final_distance(overlap[sel], orig, self.lam), k)
             if on_progress is not None:
-                on_progress(b - a)
+                on_progress(c)
         return out_d, out_i
+
+    def _margin(self, max_dist: np.ndarray) -> np.ndarray:
+        """(c,) bound on how far float32 rounding can move a final distance (different score computations)."""
+        scaled = np.divide(self.lam * 2 * _SCORE_EPS, max_dist, out=np.zeros_like(max_dist), where=max_dist > 0)
+        return scaled + np.float32(1e-6)
 
     def _proven(self, a: int, b: int, kth: np.ndarray) -> np.ndarray:
         """(b - a,) bool: no gallery row outside the candidates can reach the k-th final distance ``kth``.
@@ -170,8 +178,7 @@ class RerankBatch:
             return np.ones(b - a, dtype=bool)
         md = self.max_dist[a:b]
         floor = final_distance(np.zeros(b - a), original_distance(self.top_scores[a:b, -1], md), self.lam)
-        margin = np.divide(self.lam * 2 * _SCORE_EPS, md, out=np.zeros_like(md), where=md > 0)
-        return floor - margin > kth
+        return floor - self._margin(md) > kth
 
     def _full_row(self, q: int, cols: np.ndarray, final: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top k of one query over the whole gallery (rare fallback, O(G D))."""
