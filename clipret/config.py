@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from clipret.errors import ClipretError
+from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
 
-# The choices the model accepts (clipret.model.net.POOLS and clipret.model.pooling.GEM_INPUTS;
-# a test keeps them equal), spelt out here so that checking a config never imports torch.
-POOLS = ("gem", "cls", "mean")
-GEM_INPUTS = ("clamp", "softplus", "shift")
+__all__ = ["AMPS", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
+
 AMPS = ("auto", "bf16", "fp16", "none")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.

@@ -330,14 +330,6 @@ def test_every_train_setting_is_a_flag_with_the_same_default():
         assert cli_default == getattr(defaults, f.name), f.name
 
 
-def test_choices_match_what_the_model_accepts():
-    from clipret.config import GEM_INPUTS, POOLS
-    from clipret.model.net import POOLS as MODEL_POOLS
-    from clipret.model.pooling import GEM_INPUTS as MODEL_GEM_INPUTS
-
-    assert set(POOLS) == set(MODEL_POOLS) and set(GEM_INPUTS) == set(MODEL_GEM_INPUTS)
-
-
 @pytest.mark.parametrize("field,value,message", [
     ("pool", "foo", "--pool"), ("gem_input", "relu", "--gem-input"), ("amp", "fp8", "--amp"),
     ("device", "tpu", "--device"), ("workers", -1, "--workers"), ("grad_clip", 0.0, "--grad-clip"),

@@ -87,14 +87,10 @@ class TrainState:
 def probe_spec(cfg: TrainConfig) -> ModelSpec:
     """The model spec of a new run, read from the open_clip config only (no weights, no images).
 
-    Raises :class:`ClipretError` for settings the backbone cannot take.
+    Raises :class:`ClipretError` for settings the backbone cannot take (``--pool cls`` on a ResNet).
     """
-    spec = make_spec(cfg.model, cfg.pretrained, pool=cfg.pool, gem_input=cfg.gem_input,
+    return make_spec(cfg.model, cfg.pretrained, pool=cfg.pool, gem_input=cfg.gem_input,
                      embed_dim=cfg.embed_dim, dropout=cfg.dropout, image_size=cfg.image_size)
-    is_resnet = isinstance(spec.clip_config["vision_cfg"].get("layers"), (list, tuple))
-    if cfg.pool == "cls" and is_resnet:
-        raise ClipretError(f"--pool cls needs a ViT backbone and {spec.backbone} is a ResNet; use --pool gem or --pool mean")
-    return spec
 
 
 def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainData:
