@@ -5,6 +5,8 @@
   skipped images);
 * :mod:`~clipret.artifacts.results`: ``results.json``, a list of
   ``{"filename", "samples", "scores"}``;
+* :mod:`~clipret.artifacts.index`: ``gallery.faiss`` + ``gallery.faiss.json``, a
+  FAISS index and its sidecar (ids, type, parameters), written as a pair;
 * :mod:`~clipret.artifacts.model`: a model folder (``config.json`` +
   ``model.safetensors``) and training checkpoints (read back with
   ``torch.load(weights_only=True)``).
@@ -36,6 +38,7 @@ from clipret.artifacts.embeddings import (
     manifest_path,
     save_embeddings,
 )
+from clipret.artifacts.index import INDEX_FORMAT, read_index_pair, read_sidecar, sidecar_path, write_index_pair
 from clipret.artifacts.model import (
     CONFIG_NAME,
     MODEL_FORMAT,
@@ -63,4 +66,5 @@ __all__ = [
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
     "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
     "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
+    "INDEX_FORMAT", "read_index_pair", "read_sidecar", "sidecar_path", "write_index_pair",
 ]

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from clipret import __version__
-from clipret.cli import _console, demo, embed, evaluate, query, train
+from clipret.cli import _console, demo, embed, evaluate, index, query, train
 
 app = typer.Typer(
     name="clipret",
@@ -58,6 +58,7 @@ def _root(
 
 app.command("train")(train.train_command)
 app.command("embed")(embed.embed_command)
+app.command("index")(index.index_command)
 app.command("query")(query.query_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("demo")(demo.demo_command)

@@ -1,0 +1,169 @@
+"""``clipret index``: build a FAISS index pair, add to it, remove from it, describe it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from clipret.cli import _console
+from clipret.cli._options import Json, Seed
+
+_Int = Optional[int]
+
+
+@_console.handle_errors
+def index_command(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Embeddings .npy files (with their .json manifests) or folders of them, in id order.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index file to write (its sidecar is OUT.json).")] = None,
+    type_: Annotated[str, typer.Option("--type", help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
+    nlist: Annotated[_Int, typer.Option(help="IVF cells. Default: about 4*sqrt(N), a power of two.", show_default=False)] = None,
+    m: Annotated[_Int, typer.Option("--m", help="hnsw: graph degree (default 32). ivfpq: PQ sub-quantizers, a divisor of dim (default dim/4).", show_default=False)] = None,
+    nbits: Annotated[_Int, typer.Option(help="ivfpq: bits per PQ code (default 8).", show_default=False)] = None,
+    ef_construction: Annotated[_Int, typer.Option(help="hnsw: candidate list while building (default 80).", show_default=False)] = None,
+    ef_search: Annotated[_Int, typer.Option(help="hnsw: candidate list while searching (default 128; `query --ef-search` overrides).", show_default=False)] = None,
+    nprobe: Annotated[_Int, typer.Option(help="ivf/ivfpq: cells visited per query (default max(16, nlist/16); `query --nprobe` overrides).", show_default=False)] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the index, e.g. 4GB or 512MiB: auto picks the best expected recall that fits.", show_default=False)] = None,
+    threads: Annotated[_Int, typer.Option(help="FAISS OpenMP threads. Default: all cores.", show_default=False)] = None,
+    seed: Seed = 0,
+    add: Annotated[Optional[list[Path]], typer.Option("--add", help="Append these embeddings (.npy or folder; repeatable) to --index.", show_default=False)] = None,
+    remove: Annotated[Optional[Path], typer.Option("--remove", help="Remove the ids listed in this text file (one per line) from --index.", show_default=False)] = None,
+    index: Annotated[Optional[Path], typer.Option("--index", help="The index that --add/--remove change.", show_default=False)] = None,
+    info: Annotated[Optional[Path], typer.Option("--info", help="Print an index's type, count, dim, memory, fingerprint and parameters.", show_default=False)] = None,
+    allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from another model fingerprint or with other flags (warns).")] = False,
+    as_json: Json = False,
+) -> None:
+    """Build a FAISS index (inner product over L2-normalised vectors), or change or describe one.
+
+    Without faiss installed this fails with one line: pip install 'clipret[faiss]'.
+    Exact search (query/evaluate on .npy) never needs it.
+
+    Examples:
+
+      clipret index gallery.npy --out gallery.faiss
+
+      clipret index shards/ --out gallery.faiss --type ivf --max-memory 4GB
+
+      clipret index --add more.npy --index gallery.faiss
+
+      clipret index --remove gone.txt --index gallery.faiss
+
+      clipret index --info gallery.faiss --json
+    """
+    modes = [name for name, given in (("build", bool(inputs)), ("--add", bool(add)), ("--remove", remove is not None),
+                                      ("--info", info is not None)) if given]
+    if len(modes) != 1:
+        _console.fail("give embeddings to build from (with --out), or one of --add, --remove, --info"
+                      + (f"; got {' and '.join(modes)}" if modes else ""))
+    if info is not None:
+        return _print_info(info, as_json)
+
+    from clipret.retrieval import index_build
+    from clipret.retrieval._faiss import import_faiss, set_threads
+
+    import_faiss()
+    set_threads(threads)
+    if inputs:
+        if out is None:
+            _console.fail("building an index needs --out, e.g. --out gallery.faiss")
+        from clipret.retrieval.index_choice import parse_size
+
+        if out.suffix == ".npy" or any(out.resolve() == Path(p).resolve() for p in inputs):
+            _console.fail(f"--out {escape(str(out))} would overwrite embeddings; write the index to a .faiss file")
+        budget = parse_size(max_memory) if max_memory is not None else None
+        params = {"nlist": nlist, "m": m, "nbits": nbits, "ef_construction": ef_construction, "ef_search": ef_search, "nprobe": nprobe}
+
+        def on_plan(plan: Any, n: int, dim: int) -> None:
+            _print_plan(plan, n, dim)
+            unused = [k for k, v in params.items() if v is not None and k not in plan.params]
+            if unused:
+                _console.warn(f"{plan.type} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}; ignored")
+
+        with _stages() as on_progress:
+            meta = index_build.build_index(inputs, out, kind=type_, params=params, max_memory=budget, seed=seed,
+                                           allow_mismatch=allow_mismatch, on_plan=on_plan, on_progress=on_progress,
+                                           on_warning=_console.warn)
+        _console.info(f"wrote {escape(str(out))} and {escape(str(out))}.json: {meta['type']}, {meta['count']} vectors of dim {meta['dim']}")
+        path = out
+    else:
+        if index is None:
+            _console.fail(f"{modes[0]} needs --index, the index to change")
+        if add:
+            with _stages() as on_progress:
+                meta = index_build.add_to_index(index, add, allow_mismatch=allow_mismatch, on_progress=on_progress,
+                                                on_warning=_console.warn)
+            _console.info(f"added to {escape(str(index))}: now {meta['count']} vectors")
+        else:
+            ids = _read_ids(remove)
+            meta, missing = index_build.remove_from_index(index, ids)
+            if missing:
+                shown = ", ".join(escape(i) for i in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+                _console.warn(f"{len(missing)} id(s) are not in the index and were ignored: {shown}")
+            _console.info(f"removed {len(set(ids)) - len(missing)} id(s) from {escape(str(index))}: now {meta['count']} vectors")
+        path = index
+    if as_json:
+        _print_info(path, True)
+
+
+def _print_plan(plan: Any, n: int, dim: int) -> None:
+    from clipret.retrieval.index_choice import format_size
+
+    _console.info(f"{escape(plan.reason)}: {escape(plan.describe())} for {n} vectors of dim {dim}; "
+                  f"expected memory {format_size(plan.memory)}, expected recall@10 {plan.recall:.2f} (bench/search.py)")
+
+
+@contextlib.contextmanager
+def _stages() -> Iterator[Callable[[str, int, int], None]]:
+    """One progress bar per stage (train, add, write), fed absolute (done, total) counts."""
+    with contextlib.ExitStack() as stack:
+        state: dict[str, Any] = {"stage": None, "done": 0, "advance": None}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage != state["stage"]:
+                stack.close()
+                state.update(stage=stage, done=0, advance=stack.enter_context(_console.progress_bar(total, stage)))
+            state["advance"](done - state["done"])
+            state["done"] = done
+
+        yield on_progress
+
+
+def _read_ids(path: Path) -> list[str]:
+    from clipret.errors import ClipretError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipretError(f"ids file not found: {path}") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise ClipretError(f"{path} lists no ids; write one id per line")
+    return ids
+
+
+def _print_info(path: Path, as_json: bool) -> None:
+    from clipret.retrieval.index_build import index_info
+    from clipret.retrieval.index_choice import format_size
+
+    info = index_info(path)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=escape(str(path)), show_header=False)
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
+    rows = [("type", info["type"]), ("count", str(info["count"])), ("dim", str(info["dim"])),
+            ("memory", format_size(info["memory_bytes"])), ("fingerprint", str(info["model_fingerprint"])),
+            ("flags", json.dumps(info["flags"])), ("params", params),
+            ("removed", f"{info['tombstones']} tombstones ({info['tombstone_fraction']:.1%}), {info['holes']} holes"),
+            ("clipret", str(info["clipret_version"]))]
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    _console.out.print(table)
