@@ -213,6 +213,15 @@ def test_searcher_built_graph_equals_the_exact_one():
     np.testing.assert_allclose(via.min_scores, (gallery @ gallery.T).min(axis=1), atol=1e-6)
     assert via.method == "ExactSearcher" and exact.method == "exact"
 
+    class Short:  # an index that finds fewer neighbours than asked (FAISS pads with -1)
+        def search(self, x, k):
+            s, i = ExactSearcher(gallery).search(x, k)
+            i[:, -1] = -1
+            return s, i
+
+    with pytest.raises(ValueError, match="missing"):
+        build_gallery_graph(gallery, k1=10, searcher=Short())
+
 
 def test_graph_cache_is_reused_and_invalidated(tmp_path):
     query, gallery = clustered(5, 70, 12, seed=16)

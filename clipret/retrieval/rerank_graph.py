@@ -101,8 +101,8 @@ def build_gallery_graph(
     for r0 in range(0, g, step):
         rows = np.ascontiguousarray(gallery[r0 : r0 + step], dtype=np.float32)
         s, i = searcher.search(rows, m)
-        if s.shape != (rows.shape[0], m):
-            raise ValueError(f"searcher returned {s.shape} scores for {rows.shape[0]} rows and k={m}")
+        if s.shape != (rows.shape[0], m) or (np.asarray(i) < 0).any():
+            raise ValueError(f"searcher returned {s.shape} scores (or missing neighbours) for {rows.shape[0]} rows, k={m}")
         scores[r0 : r0 + len(rows)], idx[r0 : r0 + len(rows)] = sort_neighbors(np.asarray(s, np.float32), np.asarray(i, np.int64))
         far, _ = searcher.search(-rows, 1)
         mins[r0 : r0 + len(rows)] = -np.asarray(far, np.float32)[:, 0]
