@@ -88,6 +88,7 @@ def embed_folder(
     amp: str = "auto",
     strict: bool = False,
     tta: str | None = None,
+    dba: int = 0,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Embeddings:
@@ -159,8 +160,12 @@ def embed_folder(
     if not kept:
         raise ClipretError(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: {skipped[0]['reason']})")
     vectors = np.concatenate([np.asarray(e.vectors) for e in shards])
+    if dba:
+        from clipret.retrieval.pipeline import apply_dba
+
+        vectors = apply_dba(vectors, dba)
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
-             "tta": tta}
+             "tta": tta, "dba": dba or None}
     result = Embeddings(vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
     if out is not None and runtime.is_main():
         artifacts.save_embeddings(out, vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)

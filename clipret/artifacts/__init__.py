@@ -65,6 +65,5 @@ __all__ = [
     "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
     "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
-    "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
     "INDEX_FORMAT", "read_index_pair", "read_sidecar", "sidecar_path", "write_index_pair",
 ]

@@ -43,3 +43,18 @@ def warn_ignored_pretrained(model: str, pretrained: str | None) -> None:
         from clipret.cli import _console
 
         _console.warn(f"--pretrained is ignored: {model} is a trained run folder and carries its own weights")
+
+
+# Post-processing stages, shared by `query` and `evaluate` (see clipret.retrieval.pipeline).
+Rerank = Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking (Zhong et al. 2017); scores become 1 - final distance.")]
+K1 = Annotated[int, typer.Option("--k1", help="Re-ranking: size of the k-reciprocal neighbour lists.")]
+K2 = Annotated[int, typer.Option("--k2", help="Re-ranking: neighbours averaged by its local query expansion (the item included).")]
+Lam = Annotated[float, typer.Option("--lambda", help="Re-ranking: weight of the original distance (0..1); the Jaccard distance gets 1 - lambda.")]
+Qe = Annotated[int, typer.Option("--qe", help="Query expansion: average each query with its top-N gallery items, then search again (0: off).")]
+QeAlpha = Annotated[
+    Optional[float],
+    typer.Option("--qe-alpha", help="alpha-QE (Radenovic et al. 2018): weight each of the --qe neighbours by max(sim, 0)^alpha.", show_default=False),
+]
+Dba = Annotated[int, typer.Option("--dba", help="Database-side augmentation: average each gallery vector with its top-N gallery neighbours (0: off).")]
+Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default=False)]
+EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default=False)]

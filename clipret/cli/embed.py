@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, BatchSize, Device, Pretrained, Tta, Workers, warn_ignored_pretrained
+from clipret.cli._options import Amp, BatchSize, Dba, Device, Pretrained, Tta, Workers, warn_ignored_pretrained
 
 
 @_console.handle_errors
@@ -25,6 +25,7 @@ def embed_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: re-embed only the shards not yet written.")] = False,
     shard_size: Annotated[int, typer.Option(help="Images per progress shard (OUT.parts/), the unit --resume skips.")] = 8192,
     tta: Tta = None,
+    dba: Dba = 0,
 ) -> None:
     """Embed every image under FOLDER into OUT (.npy, float32, L2-normalised, rows in id order).
 
@@ -45,10 +46,12 @@ def embed_command(
         _console.fail(f"--out must end in .npy, got {out}")
     if shard_size <= 0:
         _console.fail(f"--shard-size must be positive, got {shard_size}")
+    if dba < 0:
+        _console.fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
     warn_ignored_pretrained(model, pretrained)
     with _console.progress_bar(None, "embed") as advance:
         emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
-                           workers=workers, device=device, amp=amp, strict=strict, tta=tta,
+                           workers=workers, device=device, amp=amp, strict=strict, tta=tta, dba=dba,
                            on_start=lambda n: advance(0, total=n), on_batch=advance)
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
     _console.report_unreadable(emb.skipped)

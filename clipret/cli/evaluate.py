@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Json
+from clipret.cli._options import K1, K2, Dba, EfSearch, Json, Lam, Nprobe, Qe, QeAlpha, Rerank
 from clipret.errors import ClipretError
 
 
@@ -21,6 +21,15 @@ def evaluate_command(
     gallery_from_labels: Annotated[bool, typer.Option(help="For a results.json without a sidecar: take every labelled id that is not a query as the gallery.")] = False,
     k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from different model fingerprints (warns).")] = False,
+    dba: Dba = 0,
+    qe: Qe = 0,
+    qe_alpha: QeAlpha = None,
+    rerank: Rerank = False,
+    k1: K1 = 20,
+    k2: K2 = 6,
+    lam: Lam = 0.3,
+    nprobe: Nprobe = None,
+    ef_search: EfSearch = None,
     as_json: Json = False,
 ) -> None:
     """Score retrieval against labels.
@@ -29,11 +38,17 @@ def evaluate_command(
     scoring a results.json needs its gallery: from --gallery, or from the
     results.json.json sidecar that `clipret query` writes.
 
+    --query/--gallery scores the full ranking of a .npy gallery (exact, in
+    bounded memory) after the same post-processing stages as `clipret query`
+    (--dba, --qe, --qe-alpha, --rerank); on an index it scores the index's
+    own top lists (deep enough for MAP@R where R allows).
+
     Examples:
 
     \b
       clipret evaluate results.json --labels labels.csv --k 1 5 10
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --json
+      clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --rerank --qe 3
     """
     from clipret import artifacts, evaluation
     from clipret.data.layout import folder_labels, read_labels_csv
@@ -58,27 +73,58 @@ def evaluate_command(
         metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks)
         title = f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
-        q, g = artifacts.load_embeddings(query), artifacts.load_embeddings(gallery)
+        from clipret.retrieval.gallery import open_gallery
+        from clipret.retrieval.pipeline import Stages
+
+        stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
+        q, g = artifacts.load_embeddings(query), open_gallery(gallery, nprobe=nprobe, ef_search=ef_search)
         for w in check_compatible(q, g, allow_mismatch=allow_mismatch):
             _console.warn(w)
         if label_map is None:
             label_map = folder_labels(q.ids + g.ids)
-        metrics = evaluation.evaluate_embeddings(q, g, label_map, ks)
-        title = f"retrieval metrics: {query.name} vs {gallery.name} (full ranking)"
+        metrics, how = _score_embeddings(q, g, label_map, ks, stages)
+        title = f"retrieval metrics: {query.name} vs {gallery.name} ({how})"
     else:
         _console.fail("nothing to score: pass results.json, or --query q.npy --gallery g.npy")
         return
     _console.print_metrics(metrics, title, as_json)
 
 
+def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any) -> tuple[dict[str, Any], str]:
+    """Full ranking of a .npy gallery (after the stages), or an index's own top lists."""
+    from clipret import evaluation, metrics
+    from clipret.cli.query import _prepare, search
+    from clipret.evaluation import chunk_rows
+    from clipret.retrieval.gallery import prepare_search
+    from clipret.retrieval.pipeline import score_function
+
+    named = " + ".join(stages.to_dict()) or "plain"
+    if g.index is None:
+        setup = _prepare(g, stages, prepare_search)
+        rows = chunk_rows(len(g))
+        score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph)
+        with _console.progress_bar(len(q), "evaluate") as advance:
+            result = evaluation.evaluate_embeddings(q, g, label_map, ks, score_fn=score_fn if stages.any else None,
+                                                    on_progress=advance)
+        return result, f"full ranking, {named}"
+    q_codes, g_codes = evaluation.label_codes(q.ids, g.ids, label_map)
+    r_max = int(metrics.count_relevant(q_codes, g_codes).max(initial=0))
+    depth = min(len(g), max(max(ks), min(r_max, 1000)))
+    _, rows = search(q.vectors, g, depth, stages)
+    if (rows < 0).any():
+        raise ClipretError(f"the index returned fewer than {depth} neighbours for some queries; raise --nprobe or --ef-search")
+    return metrics.evaluate_topk(q_codes, g_codes, rows, [k_ for k_ in ks if k_ <= depth]), f"index top-{depth}, {named}"
+
+
 def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool, label_map: Any, query_ids: list[str]) -> list[str]:
     """The whole gallery a results file was searched in, in order; never a silent guess."""
     from clipret import artifacts
+    from clipret.retrieval.gallery import read_gallery_ids
 
     meta = artifacts.load_results_meta(results_path)
     recorded = (meta or {}).get("gallery") or {}
     if gallery is not None:
-        ids = artifacts.load_embeddings(gallery, check_finite=False).ids
+        ids = read_gallery_ids(gallery)
         if recorded.get("ids_sha256") and recorded["ids_sha256"] != artifacts.ids_digest(ids):
             raise _mismatch(results_path, gallery, recorded)
         return ids
@@ -86,7 +132,7 @@ def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool,
         path = Path(recorded["path"])
         if not path.is_file():
             raise ClipretError(f"{results_path} was searched in {path}, which no longer exists; pass --gallery")
-        ids = artifacts.load_embeddings(path, check_finite=False).ids
+        ids = read_gallery_ids(path)
         if recorded.get("ids_sha256") != artifacts.ids_digest(ids):
             raise _mismatch(results_path, path, recorded)
         return ids

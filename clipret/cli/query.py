@@ -1,4 +1,4 @@
-"""``clipret query QUERY --gallery g.npy``: top-k retrieval into results.json."""
+"""``clipret query QUERY --gallery g.npy|g.faiss``: top-k retrieval, with optional post-processing, into results.json."""
 
 from __future__ import annotations
 
@@ -8,45 +8,79 @@ from typing import Annotated, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, BatchSize, Device, Pretrained, TopK, Tta, Workers, warn_ignored_pretrained
+from clipret.cli._options import (
+    K1,
+    K2,
+    Amp,
+    BatchSize,
+    Dba,
+    Device,
+    EfSearch,
+    Lam,
+    Nprobe,
+    Pretrained,
+    Qe,
+    QeAlpha,
+    Rerank,
+    TopK,
+    Tta,
+    Workers,
+    warn_ignored_pretrained,
+)
 
 
 @_console.handle_errors
 def query_command(
     query: Annotated[Path, typer.Argument(help="Query embeddings (.npy with its .json manifest) or a folder of images.")],
-    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery embeddings .npy from `clipret embed`.")],
+    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery: embeddings .npy from `clipret embed`, or an index from `clipret index`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write (and its sidecar results.json.json).")] = Path("results.json"),
     k: TopK = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`); not used for .npy queries.")] = None,
     pretrained: Pretrained = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
+    tta: Tta = None,
+    dba: Dba = 0,
+    qe: Qe = 0,
+    qe_alpha: QeAlpha = None,
+    rerank: Rerank = False,
+    k1: K1 = 20,
+    k2: K2 = 6,
+    lam: Lam = 0.3,
+    nprobe: Nprobe = None,
+    ef_search: EfSearch = None,
     batch_size: BatchSize = 64,
     workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail if any query image cannot be read.")] = False,
-    tta: Tta = None,
 ) -> None:
-    """Retrieve the top-k gallery items for each query by exact cosine similarity.
+    """Retrieve the top-k gallery items for each query.
 
     Writes a list of {"filename": query_id, "samples": [gallery ids, best first],
-    "scores": [cosine, ...]}, and beside it results.json.json recording the query,
-    the gallery and the settings (so `clipret evaluate results.json` knows the gallery).
+    "scores": [...]}, higher is better: the cosine similarity, or 1 - the final
+    distance after --rerank. Beside it, results.json.json records the query, the
+    gallery, the stages and their parameters (so `clipret evaluate results.json`
+    knows the gallery).
 
-    Example:
+    Post-processing runs in a fixed order: --tta (when images are embedded) ->
+    --dba (gallery) -> --qe/--qe-alpha (queries) -> search -> --rerank.
+
+    Examples:
 
     \b
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --k 10 --out results.json
+      clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --tta flip --rerank --qe 3
+      clipret query q.npy --gallery gallery.faiss --nprobe 32 --k 100
     """
     from clipret import artifacts
     from clipret.retrieval.compat import check_compatible, describe
-    from clipret.retrieval.search import ExactSearcher
+    from clipret.retrieval.gallery import open_gallery
+    from clipret.retrieval.pipeline import Stages
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
-    gal = artifacts.load_embeddings(gallery)
-    if len(gal) == 0:
-        _console.fail(f"the gallery {gallery} holds no embeddings; embed a folder with images first")
+    stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
+    gal = open_gallery(gallery, nprobe=nprobe, ef_search=ef_search)
     if query.is_dir():
         if model is None:
             _console.fail("a query folder needs --model (the model the gallery was embedded with)")
@@ -67,10 +101,41 @@ def query_command(
         q = artifacts.load_embeddings(query)
     for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):
         _console.warn(w)
-    with _console.progress_bar(len(q), "search") as advance:
-        scores, idx = ExactSearcher(gal.vectors).search(q.vectors, k, on_chunk=advance)
-    samples = [[gal.ids[j] for j in row] for row in idx]
-    meta = {"k": k, "score": "cosine similarity", "query": describe(q, query), "gallery": describe(gal, gallery),
-            "stages": {}}
-    artifacts.save_results(out, q.ids, samples, scores, meta=meta)
+    scores, idx = search(q.vectors, gal, k, stages)
+    samples = [[gal.ids[j] for j in row if j >= 0] for row in idx]
+    meta = {"k": k, "score": "1 - k-reciprocal final distance" if rerank else "cosine similarity",
+            "query": describe(q, query), "gallery": describe(gal, gallery), "stages": stages.to_dict()}
+    artifacts.save_results(out, q.ids, samples, [row[: len(s)] for row, s in zip(scores, samples)], meta=meta)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
+
+
+def search(queries, gal, k: int, stages):  # type: ignore[no-untyped-def]
+    """Run the pipeline over an opened gallery with progress bars; (scores (Q, k), rows (Q, k))."""
+    from clipret.retrieval.gallery import prepare_search
+    from clipret.retrieval.pipeline import retrieve
+    from clipret.retrieval.rerank import rerank_progress_total
+
+    setup = _prepare(gal, stages, prepare_search)
+    total = rerank_progress_total(len(queries), len(gal), builds_graph=False) if stages.rerank else len(queries)
+    with _console.progress_bar(total, "re-rank" if stages.rerank else "search") as advance:
+        return retrieve(queries, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph, on_progress=advance)
+
+
+def _prepare(gal, stages, prepare_search):  # type: ignore[no-untyped-def]
+    """prepare_search with one progress bar per long gallery-side step (DBA, the re-ranking graph)."""
+    import contextlib
+
+    bars: dict[str, object] = {}
+    with contextlib.ExitStack() as stack:
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = (stack.enter_context(_console.progress_bar(total, stage)), 0)
+            advance, seen = bars[stage]  # type: ignore[misc]
+            advance(done - seen)
+            bars[stage] = (advance, done)
+
+        setup = prepare_search(gal, stages, on_progress=on_progress)
+    for note in setup.notes:
+        _console.warn(note)
+    return setup

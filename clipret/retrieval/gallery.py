@@ -1,0 +1,172 @@
+"""A gallery to search: embeddings (``g.npy``) or a FAISS index pair (``g.faiss``), behind one type.
+
+:func:`open_gallery` reads either; :func:`prepare_search` turns a gallery and
+the post-processing :class:`~clipret.retrieval.pipeline.Stages` into what
+the pipeline needs: the vectors (DBA applied when asked), a searcher, and the
+re-ranking neighbour graph (cached beside a ``.npy`` gallery).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipret.errors import ClipretError
+from clipret.retrieval.pipeline import Stages, apply_dba, default_searcher
+from clipret.retrieval.rerank import GalleryGraph
+from clipret.retrieval.search import Searcher
+
+__all__ = ["Gallery", "SearchSetup", "open_gallery", "prepare_search", "read_gallery_ids"]
+
+
+@dataclass
+class Gallery:
+    """Ids (row order), model fingerprint, flags, and either vectors or an opened index."""
+
+    ids: list[str]
+    fingerprint: str | None
+    flags: dict[str, Any]
+    path: Path | None
+    vectors: np.ndarray | None = None  # (G, D) float32, maybe a memory map; None for an index until needed
+    index: Any = field(default=None, repr=False)  # clipret.retrieval.index.IndexGallery
+    digest: str | None = None
+    dim_: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.dim_
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_search: int | None = None) -> Gallery:
+    """Open ``g.npy`` (with its manifest) or ``g.faiss`` (with its sidecar); ClipretError if empty or unreadable."""
+    from clipret.retrieval.index import is_index_path
+
+    path = Path(path)
+    if is_index_path(path):
+        from clipret.retrieval.index import open_index
+
+        idx = open_index(path, nprobe=nprobe, ef_search=ef_search)
+        gal = Gallery(list(idx.ids), idx.fingerprint, idx.flags, path, index=idx, dim_=idx.dim)
+    else:
+        if nprobe is not None or ef_search is not None:
+            raise ClipretError("--nprobe and --ef-search tune an index; the gallery here is a .npy (exact search)")
+        from clipret.artifacts import load_embeddings
+
+        emb = load_embeddings(path)
+        gal = Gallery(emb.ids, emb.fingerprint, emb.flags, path, vectors=emb.vectors, digest=emb.digest, dim_=emb.dim)
+    if len(gal) == 0:
+        raise ClipretError(f"the gallery {path} holds no embeddings; embed a folder with images first")
+    return gal
+
+
+def read_gallery_ids(path: str | os.PathLike[str]) -> list[str]:
+    """The ids of a ``.npy`` gallery (its manifest) or an index (its sidecar), in row order; reads no vectors."""
+    from clipret.retrieval.index import is_index_path
+
+    if is_index_path(path):
+        from clipret.artifacts.index import read_sidecar
+
+        return [str(i) for i in read_sidecar(path)["ids"]]
+    from clipret.artifacts import load_embeddings
+
+    return load_embeddings(path, check_finite=False).ids
+
+
+@dataclass
+class SearchSetup:
+    """What the pipeline needs: (G, D) vectors (post-DBA), a searcher over them, a re-ranking graph or None."""
+
+    vectors: np.ndarray | None
+    searcher: Searcher
+    graph: GalleryGraph | None
+    notes: list[str]
+
+
+def prepare_search(
+    gallery: Gallery,
+    stages: Stages,
+    *,
+    cache: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> SearchSetup:
+    """Resolve vectors, searcher and the re-ranking graph for ``stages`` over ``gallery``.
+
+    DBA is refused when the gallery already had it at embed time (it would be
+    applied twice), and on an index (the index holds the original vectors:
+    apply DBA with ``clipret embed --dba N`` before building it). The
+    re-ranking graph of a ``.npy`` gallery is cached beside it
+    (``g.npy.knn.npz``), keyed by the array's content digest, the DBA setting
+    and k1/k2; ``on_progress(stage, done, total)`` reports long steps.
+    ``notes`` collects one-line remarks for the user.
+    """
+    notes: list[str] = []
+    if stages.dba and gallery.flags.get("dba"):
+        raise ClipretError(f"{gallery.path} was embedded with --dba {gallery.flags['dba']} already; "
+                           "drop --dba here (DBA applied twice blurs the gallery)")
+    if gallery.index is not None:
+        if stages.dba:
+            raise ClipretError("--dba cannot be applied to an index, which holds the original vectors; embed the "
+                               "gallery with `clipret embed --dba N`, then build the index from that")
+        searcher = gallery.index.searcher
+        vectors = None
+        if stages.qe or stages.rerank:
+            if not searcher.vectors_exact:
+                notes.append(f"the {gallery.index.meta['type']} index stores compressed vectors: query expansion and "
+                             "re-ranking use their reconstructions, an approximation")
+            vectors = searcher.vectors(np.arange(len(gallery)))
+        return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, searcher, cache=False, notes=notes,
+                                                     on_progress=on_progress), notes)
+    vectors = gallery.vectors
+    assert vectors is not None
+    if stages.dba:
+        vectors = apply_dba(vectors, stages.dba, on_progress=_stage(on_progress, "dba", len(gallery)))
+    searcher = default_searcher(vectors)
+    return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, None, cache=cache, notes=notes,
+                                                 on_progress=on_progress), notes)
+
+
+def _stage(on_progress: Callable[[str, int, int], None] | None, name: str, total: int) -> Callable[[int], None] | None:
+    if on_progress is None:
+        return None
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        on_progress(name, done[0], total)
+
+    return advance
+
+
+def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searcher: Searcher | None, *, cache: bool,
+           notes: list[str], on_progress: Callable[[str, int, int], None] | None) -> GalleryGraph | None:
+    """The gallery's k-nearest-gallery lists for re-ranking: from the cache when it matches, else built."""
+    if not stages.rerank or vectors is None:
+        return None
+    from clipret.artifacts.neighbors import load_gallery_graph, neighbors_path, save_gallery_graph
+    from clipret.retrieval.rerank_graph import EXACT, build_gallery_graph, graph_neighbors
+
+    m = graph_neighbors(stages.k1, stages.k2)
+    method = EXACT if searcher is None else type(searcher).__name__
+    usable = cache and gallery.path is not None and gallery.digest is not None
+    key = f"{gallery.digest}|dba={stages.dba}"
+    path = neighbors_path(gallery.path) if usable else None
+    if path is not None:
+        graph = load_gallery_graph(path, key=key, count=len(vectors), dim=int(vectors.shape[1]), neighbors=m, method=method)
+        if graph is not None:
+            return graph
+    graph = build_gallery_graph(vectors, k1=stages.k1, k2=stages.k2, searcher=searcher,
+                                on_progress=_stage(on_progress, "gallery graph", len(vectors)))
+    if path is not None:
+        try:
+            save_gallery_graph(path, graph, key=key)
+        except ClipretError as exc:  # a read-only gallery folder: work on without the cache
+            notes.append(f"could not cache the re-ranking graph ({exc})")
+    return graph
