@@ -16,6 +16,8 @@ result is exact; only the work shrinks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from clipret.retrieval.ranking import topk_rows
@@ -118,7 +120,7 @@ def batch_knn(
     l: int,
     gallery_bound: np.ndarray,
     chunk: int | None = None,
-    on_progress=None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """One exact pass of the (Q, D) queries over all Q+G items (ids: queries 0..Q-1, gallery Q..).
 
