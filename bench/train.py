@@ -252,11 +252,16 @@ def _print(rows: list[dict[str, Any]], sampler: dict[str, float], device: str, h
             ck = r.get("ckpt")
             ck_txt = f"{ck['checkpointed']}/{ck['blocks']} blocks ({ck['tower']} at .{ck['at']})" if ck else ""
             print(f"  {name:14s} {r['variant']:11s} {r['img_s']:8.1f} {r['img_s'] / first['img_s']:7.2f} "
-                  f"{r['peak_mib'] / 1024:21.2f} {r['peak_mib'] / first['peak_mib']:7.2f} {1e3 * r['step_s']:8.1f} "
+                  f"{r['peak_mib'] / 1024:21.2f} {_ratio(r['peak_mib'], first['peak_mib']):>7s} {1e3 * r['step_s']:8.1f} "
                   f"{1e3 * r['bare_s']:8.1f} {split:>13s} {r['step_s'] / r['bare_s']:9.3g} {r['loss_s'] / r['bare_s']:9.3g} "
                   f"{r['miner_s'] / r['bare_s']:10.3g} {sampler['per_batch_s'] / r['bare_s']:12.3g}  {ck_txt}")
             if ck and ck["checkpointed"] < max(ck["blocks"], 1):
                 print(f"    WARNING: grad checkpointing reached {ck['checkpointed']} of {ck['blocks']} blocks through clipret's model")
+
+
+def _ratio(a: float, b: float) -> str:
+    """a / b to two decimals, or "n/a" when b is 0 (a CPU peak-RSS increase too small to see)."""
+    return f"{a / b:.2f}" if b > 0 else "n/a"
 
 
 def main() -> None:

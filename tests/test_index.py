@@ -282,3 +282,23 @@ def test_build_is_byte_identical_for_a_fixed_seed(tmp_path, kind, params, thread
     if kind in ("ivf", "ivfpq"):  # the seed matters: another one trains other centroids
         build_index([tmp_path / "g.npy"], tmp_path / "c.faiss", kind=kind, params=params, seed=5)
         assert (tmp_path / "a.faiss").read_bytes()[:size] != (tmp_path / "c.faiss").read_bytes()[:size]
+
+
+def test_faiss_paths_survive_faiss_torch_utils_on_memory_maps(tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces faiss.knn/add/search and
+    sends anything that is not exactly an np.ndarray (a np.memmap, say) down a torch-only path."""
+    pytest.importorskip("torch")
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    from clipret.retrieval.index import FaissExactSearcher
+    from clipret.retrieval.search import ExactSearcher
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((50, 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    np.save(tmp_path / "g.npy", g)
+    mm = np.load(tmp_path / "g.npy", mmap_mode="r")
+    q = np.load(tmp_path / "g.npy", mmap_mode="r")[:5]
+    got = FaissExactSearcher(mm).search(q, 4)
+    want = ExactSearcher(g).search(np.asarray(q), 4)
+    np.testing.assert_array_equal(got[1], want[1])

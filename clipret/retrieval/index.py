@@ -119,9 +119,9 @@ class IndexSearcher:
         """FAISS search mapped to rows; missing neighbours as (-inf, -1)."""
         index = self._gpu if self._gpu is not None and k <= GPU_MAX_K else self.index
         if self._params is not None:
-            scores, labels = index.search(q, k, params=self._params)
+            scores, labels = index.search(np.asarray(q), k, params=self._params)
         else:
-            scores, labels = index.search(q, k)
+            scores, labels = index.search(np.asarray(q), k)
         rows = labels if self._row_of is None else np.where(labels >= 0, self._row_of[np.maximum(labels, 0)], -1)
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows.astype(np.int64)
 
@@ -233,10 +233,13 @@ class FaissExactSearcher:
 
     def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = self._faiss
+        # plain ndarrays, not memmaps: faiss.contrib.torch_utils (imported by pytorch-metric-learning, say)
+        # replaces faiss.knn and sends anything whose type is not exactly np.ndarray down its torch path
+        q, gallery = np.asarray(q), np.asarray(self.gallery)
         if self._gpu and k <= GPU_MAX_K:
-            scores, idx = faiss.knn_gpu(gpu_resources(), q, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores, idx = faiss.knn_gpu(gpu_resources(), q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            scores, idx = faiss.knn(q, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores, idx = faiss.knn(q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores.astype(np.float32), idx.astype(np.int64)
 
 

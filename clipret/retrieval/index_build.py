@@ -105,11 +105,11 @@ def add_source(index: Any, kind: str, source: GallerySource, first_label: int, o
     on_progress("add", 0, total)
     for block in source.chunks(ADD_CHUNK):
         if kind in ("ivf", "ivfpq"):
-            index.add_with_ids(block, np.arange(label, label + len(block), dtype=np.int64))
+            index.add_with_ids(np.asarray(block), np.arange(label, label + len(block), dtype=np.int64))
         else:  # flat and HNSW number rows sequentially; labels stay equal to their positions
             if index.ntotal != label:
                 raise ClipretError("index labels are out of step with its sidecar; rebuild the index")
-            index.add(block)
+            index.add(np.asarray(block))
         label += len(block)
         on_progress("add", label - first_label, total)
     return label
@@ -149,7 +149,7 @@ def build_index(
             on_warning(f"only {len(sample)} vectors to train {centroids} centroids (FAISS advises {39 * centroids}); "
                        "recall may suffer: lower --nlist/--nbits or use --type flat")
         on_progress("train", 0, 1)
-        index.train(sample)
+        index.train(np.asarray(sample))
         on_progress("train", 1, 1)
         del sample
     label_count = add_source(index, plan.type, source, 0, on_progress)
