@@ -103,11 +103,7 @@ def test_bad_stage_parameters_are_user_errors(kwargs, message):
 
 
 def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    if r.exit_code == 1 and r.exc_info:
-        import traceback
-        traceback.print_exception(*r.exc_info)
-    return r
+    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
