@@ -34,6 +34,19 @@ def have_faiss() -> bool:
     return True
 
 
+def numpy_method(obj: Any, name: str) -> Any:
+    """``obj.<name>`` as faiss's own numpy wrapper defines it (``obj`` an index or the faiss module).
+
+    ``faiss.contrib.torch_utils`` (imported by pytorch-metric-learning, so by any
+    process that trains) replaces ``search``, ``remove_ids``, ``knn`` ... with
+    versions that drop search parameters and IDSelectors and send anything but an
+    exact ``np.ndarray`` down a torch path; it keeps the originals as
+    ``<name>_numpy``. This is the one place that relies on that name (checked with
+    faiss-cpu 1.15.1; tests/test_index.py runs the index paths under torch_utils).
+    """
+    return getattr(obj, name + "_numpy", None) or getattr(obj, name)
+
+
 def set_threads(threads: int | None) -> int:
     """Set FAISS's OpenMP threads (default: every CPU this process may use); return the number."""
     from clipret.runtime import available_cpus

@@ -32,6 +32,7 @@ from clipret.retrieval._faiss import (
     gpu_resources,
     have_faiss,
     import_faiss,
+    numpy_method,
     set_threads,
     to_gpu,
 )
@@ -119,9 +120,9 @@ class IndexSearcher:
         """FAISS search mapped to rows; missing neighbours as (-inf, -1)."""
         index = self._gpu if self._gpu is not None and k <= GPU_MAX_K else self.index
         if self._params is not None:
-            scores, labels = index.search(np.asarray(q), k, params=self._params)
+            scores, labels = numpy_method(index, "search")(np.asarray(q), k, params=self._params)
         else:
-            scores, labels = index.search(np.asarray(q), k)
+            scores, labels = numpy_method(index, "search")(np.asarray(q), k)
         rows = labels if self._row_of is None else np.where(labels >= 0, self._row_of[np.maximum(labels, 0)], -1)
         return np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows.astype(np.int64)
 
@@ -237,9 +238,9 @@ class FaissExactSearcher:
         # replaces faiss.knn and sends anything whose type is not exactly np.ndarray down its torch path
         q, gallery = np.asarray(q), np.asarray(self.gallery)
         if self._gpu and k <= GPU_MAX_K:
-            scores, idx = faiss.knn_gpu(gpu_resources(), q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores, idx = numpy_method(faiss, "knn_gpu")(gpu_resources(), q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            scores, idx = faiss.knn(q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
+            scores, idx = numpy_method(faiss, "knn")(q, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
         return scores.astype(np.float32), idx.astype(np.int64)
 
 

@@ -46,7 +46,7 @@ from clipret.artifacts.index import (
 )
 from clipret.errors import ClipretError
 from clipret.retrieval import index_choice
-from clipret.retrieval._faiss import import_faiss, to_gpu
+from clipret.retrieval._faiss import import_faiss, numpy_method, to_gpu
 from clipret.retrieval.index_source import (
     GallerySource,
     check_same_model,
@@ -230,7 +230,7 @@ def remove_from_index(index_path: str | os.PathLike[str], ids: Sequence[str]) ->
         return meta, missing
     faiss = import_faiss()
     index, _ = read_index_pair(index_path)
-    removed = index.remove_ids(faiss.IDSelectorBatch(labels))
+    removed = numpy_method(index, "remove_ids")(faiss.IDSelectorBatch(labels))
     if removed != len(labels):
         raise ClipretError(f"{index_path} lost track of {len(labels) - removed} vector(s); rebuild the index")
     if meta["type"] == "flat":
