@@ -76,7 +76,7 @@ def test_build_flat_from_one_file_prints_the_choice_and_searches_exactly(data):
     d = data["dir"]
     r = run("index", d / "g.npy", "--out", d / "g.faiss")
     assert r.exit_code == 0, r.output
-    assert "auto: 600 vectors < 100000: flat" in r.output and "expected memory" in r.output and "expected recall@10 1.00" in r.output
+    assert "auto: 600 vectors < 100000: flat" in r.output and "expected memory" in r.output and "expected recall@10 1.000" in r.output
     meta = info(d / "g.faiss")
     assert (meta["type"], meta["count"], meta["dim"], meta["model_fingerprint"], meta["flags"]) == ("flat", 600, 16, "fp", {"tta": False})
     assert abs(meta["memory_bytes"] - 600 * 16 * 4) < 1024

@@ -115,7 +115,7 @@ def _print_plan(plan: Any, n: int, dim: int) -> None:
     from clipret.retrieval.index_choice import format_size
 
     _console.info(f"{escape(plan.reason)}: {escape(plan.describe())} for {n} vectors of dim {dim}; "
-                  f"expected memory {format_size(plan.memory)}, expected recall@10 {plan.recall:.2f} (bench/search.py)")
+                  f"expected memory {format_size(plan.memory)}, expected recall@10 {plan.recall:.3f} (bench/search.py)")
 
 
 @contextlib.contextmanager
