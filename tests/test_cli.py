@@ -108,7 +108,12 @@ def test_embed_query_evaluate_pipeline(trained_run, tiny_dataset, tmp_path):
     assert r.exit_code == 0, r.output
     full = json.loads(r.stdout)
     assert {"map", "map@r", "r_precision"} <= set(full)
-    assert full["recall@1"] == pytest.approx(m["recall@1"]) and full["map@5"] == pytest.approx(m["map@5"])
+    # query (FAISS's kernel when installed) and evaluate (numpy) round dot products differently in the last
+    # bits; this barely trained model maps everything to cosines of ~0.99999, so a query whose two best
+    # scores are that close may rank them either way. Exact agreement is checked in test_evaluation.py.
+    scores = np.sort(qv @ gv.T, axis=1)[:, ::-1]
+    ambiguous = int(np.sum(scores[:, 0] - scores[:, 1] < 1e-5))
+    assert abs(full["recall@1"] - m["recall@1"]) * len(qv) <= ambiguous
 
     r = run("evaluate", "--query", q, "--gallery", g)  # labels from class subfolders
     assert r.exit_code == 0 and "recall@1" in r.stdout
