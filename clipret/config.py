@@ -8,10 +8,11 @@ flags given on the command line override the file.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from clipret.errors import ClipretError
 from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
@@ -64,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     save_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
+    exact_decode: bool = False  # False: large JPEGs decode at a reduced scale (clipret.data.decode.load_rgb)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

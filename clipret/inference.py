@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from clipret.artifacts import Embeddings
 from clipret.data.dataset import ImageFolderDataset, collate
+from clipret.data.decode import decode_side_for
 from clipret.errors import ClipretError
 from clipret.runtime import autocast
 from clipret.tta import average_views, parse_tta, tta_transform
@@ -29,6 +30,7 @@ def embed_images(
     workers: int = 0,
     device: Any = "cpu",
     amp: Any = None,
+    decode_side: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Embed ``folder/id`` for every id, in id order.
@@ -37,13 +39,14 @@ def embed_images(
     unit rows, one per kept id. A transform that returns a (V, 3, H, W) stack
     per image (test-time augmentation, :mod:`clipret.tta`) gets its V view
     embeddings averaged and re-normalised; and ``skipped`` lists ``{"id", "reason"}`` for
-    every file that could not be decoded. ``on_batch(n)`` is called with the
+    every file that could not be decoded. ``decode_side`` lets JPEGs decode at
+    a reduced scale (see :func:`clipret.data.decode.load_rgb`). ``on_batch(n)`` is called with the
     number of files handled after each batch.
     """
     device = torch.device(device)
     encoder = encoder.to(device).eval()
     loader = DataLoader(
-        ImageFolderDataset(folder, ids, transform),
+        ImageFolderDataset(folder, ids, transform, decode_side=decode_side),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -89,6 +92,7 @@ def embed_folder(
     strict: bool = False,
     tta: str | None = None,
     dba: int = 0,
+    exact_decode: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Embeddings:
@@ -126,6 +130,7 @@ def embed_folder(
     dev = runtime.resolve_device(device)
     amp_dtype = runtime.resolve_amp(amp, dev)
     transform = tta_transform(spec.preprocess, tta)
+    decode_side = decode_side_for(spec.preprocess["size"], exact_decode)
     if on_start is not None:
         on_start(len(ids))
 
@@ -146,7 +151,8 @@ def embed_folder(
             shards.append(done)
             continue
         vectors, kept, skipped = embed_images(encoder, folder, shard_ids, transform, batch_size=batch_size,
-                                              workers=workers, device=dev, amp=amp_dtype, on_batch=on_batch)
+                                              workers=workers, device=dev, amp=amp_dtype, decode_side=decode_side,
+                                              on_batch=on_batch)
         if strict and skipped:
             fail_strict(skipped)
         if path is not None:
@@ -165,7 +171,8 @@ def embed_folder(
 
         vectors = apply_dba(vectors, dba)
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
-             "tta": tta, "dba": dba or None}
+             "tta": tta, "dba": dba or None,
+             "exact_decode": bool(exact_decode)}
     result = Embeddings(vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)
     if out is not None and runtime.is_main():
         artifacts.save_embeddings(out, vectors, kept, fingerprint=fingerprint, flags=flags, skipped=skipped)

@@ -382,3 +382,43 @@ def test_train_excludes_bad_training_images(tiny_dataset, tmp_path, monkeypatch)
     excluded = json.loads((out / "excluded.json").read_text())  # every exclusion is kept, with its reason
     assert sorted(e["id"] for e in excluded) == sorted(f"{first_class.name}/{n}" for n in invalid)
     assert all(e["reason"] for e in excluded)
+
+
+def test_fast_decode_keeps_both_sides_at_least_min_side_and_matches_the_full_decode(tmp_path):
+    """A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) but never below min_side."""
+    import numpy as np
+    from PIL import Image
+
+    from clipret.data.decode import decode_side_for, load_rgb
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    base = np.stack([xx / 1600 * 255, yy / 1200 * 255, (xx + yy) / 2800 * 255], -1)
+    img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(img).save(tmp_path / "big.png")
+    full, _ = load_rgb(tmp_path / "big.jpg")
+    assert full.size == (1600, 1200)
+    for side, want in [(100, (200, 150)), (150, (200, 150)), (151, (400, 300)), (600, (800, 600)), (601, (1600, 1200))]:
+        fast, reason = load_rgb(tmp_path / "big.jpg", side)
+        assert reason is None and fast.size == want and fast.mode == "RGB", side
+        assert min(fast.size) >= min(side, 1200)
+    fast, _ = load_rgb(tmp_path / "big.jpg", 300)  # 1/4 scale: 400 x 300
+    down = np.asarray(full.resize(fast.size, Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(fast, dtype=np.float64) - down).mean() < 3.0  # the same picture, scaled
+    assert load_rgb(tmp_path / "big.png", 100)[0].size == (1600, 1200)  # only JPEGs have DCT scaling
+    assert decode_side_for(224) == 448 and decode_side_for([224, 336]) == 672 and decode_side_for(224, exact=True) is None
+
+
+def test_decoded_images_stay_usable_after_the_file_is_closed(tmp_path):
+    from PIL import Image
+
+    from clipret.data.decode import load_rgb
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "a.jpg")
+    frames = [Image.new("RGB", (20, 20), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:])
+    for name in ("a.jpg", "anim.webp"):
+        img, reason = load_rgb(tmp_path / name)
+        assert reason is None
+        assert img.resize((4, 4)).getpixel((0, 0))  # pixels still there after load_rgb closed the file

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, BatchSize, Dba, Device, Pretrained, Tta, Workers, warn_ignored_pretrained
+from clipret.cli._options import Amp, BatchSize, Dba, Device, ExactDecode, Pretrained, Tta, Workers, warn_ignored_pretrained
 
 
 @_console.handle_errors
@@ -25,6 +25,7 @@ def embed_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: re-embed only the shards not yet written.")] = False,
     shard_size: Annotated[int, typer.Option(help="Images per progress shard (OUT.parts/), the unit --resume skips.")] = 8192,
     tta: Tta = None,
+    exact_decode: ExactDecode = False,
     dba: Dba = 0,
 ) -> None:
     """Embed every image under FOLDER into OUT (.npy, float32, L2-normalised, rows in id order).
@@ -51,7 +52,7 @@ def embed_command(
     warn_ignored_pretrained(model, pretrained)
     with _console.progress_bar(None, "embed") as advance:
         emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
-                           workers=workers, device=device, amp=amp, strict=strict, tta=tta, dba=dba,
+                           workers=workers, device=device, amp=amp, strict=strict, tta=tta, exact_decode=exact_decode, dba=dba,
                            on_start=lambda n: advance(0, total=n), on_batch=advance)
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
     _console.report_unreadable(emb.skipped)

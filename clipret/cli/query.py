@@ -16,6 +16,7 @@ from clipret.cli._options import (
     Dba,
     Device,
     EfSearch,
+    ExactDecode,
     Lam,
     Nprobe,
     Pretrained,
@@ -39,6 +40,7 @@ def query_command(
     pretrained: Pretrained = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
     tta: Tta = None,
+    exact_decode: ExactDecode = False,
     dba: Dba = 0,
     qe: Qe = 0,
     qe_alpha: QeAlpha = None,
@@ -89,7 +91,7 @@ def query_command(
 
         with _console.progress_bar(None, "embed queries") as advance:
             q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                             strict=strict, tta=tta, on_start=lambda n: advance(0, total=n), on_batch=advance)
+                             strict=strict, tta=tta, exact_decode=exact_decode, on_start=lambda n: advance(0, total=n), on_batch=advance)
         _console.report_unreadable(q.skipped)
     else:
         if tta is not None:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, Device, Model, Pretrained, Seed, Workers
+from clipret.cli._options import Amp, Device, ExactDecode, Model, Pretrained, Seed, Workers
 from clipret.config import GEM_INPUTS, POOLS
 
 _HELP = """Fine-tune an OpenCLIP backbone on ROOT/training/<class>/* for retrieval.
@@ -93,6 +93,7 @@ def train_command(
     device: Device = "auto",
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
+    exact_decode: ExactDecode = False,
     resume: Annotated[bool, typer.Option(
         help="Continue a run from its checkpoint, with its own settings: `--resume RUN` or `ROOT --out RUN --resume`. "
              "Only --workers, --device, --amp, --save-every and ROOT may be given anew.")] = False,

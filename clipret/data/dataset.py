@@ -38,13 +38,18 @@ class ImageFolderDataset(Dataset):
     ``seed`` set, the transform runs under torch's RNG seeded by
     :func:`sample_seed` ``(seed, epoch, i, draw)``; call :meth:`set_epoch`
     before each epoch. The caller's RNG state is left as it was.
+
+    ``decode_side``: decode JPEGs at a reduced scale whose sides stay at
+    least this many pixels (see :func:`clipret.data.decode.load_rgb`).
     """
 
-    def __init__(self, folder: str | Path, ids: Sequence[str], transform: Callable, *, seed: int | None = None) -> None:
+    def __init__(self, folder: str | Path, ids: Sequence[str], transform: Callable, *, seed: int | None = None,
+                 decode_side: int | None = None) -> None:
         self.folder = Path(folder)
         self.ids = list(ids)
         self.transform = transform
         self.seed = seed
+        self.decode_side = decode_side  # see clipret.data.decode.load_rgb(min_side=...)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -55,7 +60,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, draw = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
-        img, reason = load_rgb(id_to_path(self.folder, self.ids[index]))
+        img, reason = load_rgb(id_to_path(self.folder, self.ids[index]), self.decode_side)
         if img is None:
             return {"image": None, "index": index, "error": reason or "unreadable"}
         if self.seed is None:

@@ -36,6 +36,17 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+DRAFT_MARGIN = 2  # fast decoding keeps both sides >= this many times the model's input side
+
+
+def decode_side_for(input_size: int | list[int] | tuple[int, ...], exact: bool = False) -> int | None:
+    """The ``min_side`` for :func:`load_rgb` given the model's input size; None (full decode) when ``exact``."""
+    if exact:
+        return None
+    side = input_size if isinstance(input_size, int) else max(input_size)
+    return int(side) * DRAFT_MARGIN
+
+
 def set_max_pixels(limit: int) -> None:
     """Change the decompression-bomb limit (pixels per image) for this process."""
     global MAX_PIXELS
@@ -65,11 +76,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | None]:
-    """Decode ``path`` fully into an RGB image.
+def load_rgb(path: str | os.PathLike[str], min_side: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """Decode ``path`` into an RGB image.
 
     Returns ``(image, None)`` on success and ``(None, reason)`` otherwise,
     where ``reason`` is a short human-readable phrase.
+
+    ``min_side``: a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8,
+    done by libjpeg in the DCT, PIL's ``draft``) as long as both sides stay at
+    least ``min_side`` pixels; other formats decode at full size. The caller
+    then resizes to the model input as usual. ``None`` decodes at full size.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -80,17 +96,25 @@ def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | No
         return None, f"cannot stat file ({exc.strerror or exc})"
     if size == 0:
         return None, "empty file (0 bytes)"
+    opened = None
     try:
-        with Image.open(path) as img:
-            # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x the
-            # limit, and turning that warning into an error with catch_warnings() is not
-            # thread-safe (check_images decodes in threads).
-            if img.width * img.height > MAX_PIXELS:
-                raise Image.DecompressionBombError("image too large")
-            img.seek(0)  # animated: first frame
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img).copy(), None
+        opened = img = Image.open(path)
+        # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x the
+        # limit, and turning that warning into an error with catch_warnings() is not
+        # thread-safe (check_images decodes in threads).
+        if img.width * img.height > MAX_PIXELS:
+            raise Image.DecompressionBombError("image too large")
+        if min_side and img.format == "JPEG":
+            img.draft(img.mode, (int(min_side), int(min_side)))
+        img.seek(0)  # animated: first frame
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no orientation tag
+        rgb = _to_rgb(img)
+        if rgb is opened and getattr(opened, "fp", None) is not None:
+            rgb = rgb.copy()  # the file is still open (several frames): detach before closing it
+        elif rgb is opened:
+            opened = None  # single frame: load() closed the file already, and close() would free the pixels
+        return rgb, None
     except PermissionError:
         return None, "permission denied"
     except Image.DecompressionBombError:
@@ -102,3 +126,6 @@ def load_rgb(path: str | os.PathLike[str]) -> tuple[Image.Image | None, str | No
         if "truncated" in detail.lower():
             return None, "truncated image"
         return None, f"corrupt image ({detail})"
+    finally:
+        if opened is not None:
+            opened.close()

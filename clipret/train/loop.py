@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from clipret import artifacts, runtime
 from clipret.config import TrainConfig
 from clipret.data.dataset import collate
+from clipret.data.decode import decode_side_for
 from clipret.data.transforms import eval_transform
 from clipret.errors import ClipretError
 from clipret.inference import embed_images
@@ -179,7 +180,8 @@ def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: flo
     if len(data.val_idx):
         val_ids = [data.ids[i] for i in data.val_idx]
         vecs, kept, _ = embed_images(state.model, data.folder, val_ids, eval_transform(state.spec.preprocess),
-                                     batch_size=state.p * cfg.k, workers=state.workers, device=state.device, amp=state.amp)
+                                     batch_size=state.p * cfg.k, workers=state.workers, device=state.device, amp=state.amp,
+                                     decode_side=decode_side_for(state.spec.preprocess["size"], cfg.exact_decode))
         by_id = dict(zip(data.ids, data.class_of))
         row.update(leave_one_out(vecs, [by_id[i] for i in kept]))
         score = row["val_map@r"]

@@ -20,6 +20,7 @@ from torch import nn
 from clipret import artifacts, runtime
 from clipret.config import TrainConfig
 from clipret.data.dataset import ImageFolderDataset
+from clipret.data.decode import decode_side_for
 from clipret.data.layout import training_set
 from clipret.data.sampler import PKBatchSampler, resolve_p
 from clipret.data.transforms import AugmentConfig, train_transform
@@ -135,7 +136,8 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
                              world_size=runtime.world_size(), with_draws=True)
     aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
     dataset = ImageFolderDataset(data.folder, [data.ids[i] for i in data.train_idx],
-                                 train_transform(spec.preprocess, aug), seed=cfg.seed)
+                                 train_transform(spec.preprocess, aug), seed=cfg.seed,
+                                 decode_side=decode_side_for(spec.preprocess["size"], cfg.exact_decode))
     objective = CircleObjective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch)
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.llrd, cfg.head_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
