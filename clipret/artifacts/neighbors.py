@@ -26,17 +26,15 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipret.artifacts.atomic import atomic_path
-from clipret.retrieval.rerank_graph import (
-    EXACT,
-    GalleryGraph,
-    build_gallery_graph,
-    graph_neighbors,
-)
-from clipret.retrieval.search import Searcher
+
+if TYPE_CHECKING:  # the retrieval modules load only when a graph is read or built
+    from clipret.retrieval.rerank_graph import GalleryGraph
+    from clipret.retrieval.search import Searcher
 
 NEIGHBORS_FORMAT = "clipret.knn/1"
 
@@ -64,12 +62,14 @@ def save_gallery_graph(path: str | os.PathLike[str], graph: GalleryGraph, *, key
 
 
 def load_gallery_graph(
-    path: str | os.PathLike[str], *, key: str, count: int, dim: int, neighbors: int, method: str = EXACT
+    path: str | os.PathLike[str], *, key: str, count: int, dim: int, neighbors: int, method: str = "exact"
 ) -> GalleryGraph | None:
     """The cached graph if ``path`` holds one for this key, shape and method with enough neighbours, else None.
 
     A graph built exactly also serves a request for a searcher-built one.
     """
+    from clipret.retrieval.rerank_graph import EXACT, GalleryGraph
+
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["format"]) != NEIGHBORS_FORMAT or str(z["key"]) != key:
@@ -109,6 +109,12 @@ def cached_gallery_graph(
     hash); a different key means a different gallery. Returns (graph,
     reused): ``reused`` is False when the graph was (re)built.
     """
+    from clipret.retrieval.rerank_graph import (
+        EXACT,
+        build_gallery_graph,
+        graph_neighbors,
+    )
+
     count, dim = (int(s) for s in gallery.shape)
     method = EXACT if searcher is None else type(searcher).__name__
     graph = load_gallery_graph(path, key=key, count=count, dim=dim, neighbors=graph_neighbors(k1, k2), method=method)
