@@ -5,6 +5,8 @@ in ``/usr/share/datasets/fashion-mnist``; ``CLIPRET_FASHION_MNIST`` may name
 another folder. Training images come from the train split; query and gallery
 images from the test split, disjoint. Files are named by their index in the
 original split (``train_01234.png``, ``q_00042.png``, ``g_00077.png``).
+``train_classes``/``test_classes`` keep only some classes (an open-set split);
+the images drawn for a kept class do not depend on which others are kept.
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def _pick(labels: np.ndarray, c: int, n: int | None, rng: np.random.Generator, w
     return rng.permutation(idx)[:n]
 
 
+def _draw(labels: np.ndarray, c: int, n: int | None, keep: bool, rng: np.random.Generator, what: str) -> np.ndarray:
+    """:func:`_pick` for a kept class; a class left out is drawn all the same (capped at what it has), so
+    the random stream, and the images of the classes after it, do not depend on which classes are kept."""
+    if keep:
+        return _pick(labels, c, n, rng, what)
+    _pick(labels, c, None if n is None else min(n, int((labels == c).sum())), rng, what)
+    return np.zeros(0, dtype=np.int64)
+
+
 def _save(img: np.ndarray, size: int, path: Path) -> None:
     im = Image.fromarray(img, "L")
     (im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BICUBIC)).save(path, compress_level=1)
@@ -115,17 +126,26 @@ def export_fashion_mnist(
     gallery_per_class: int,
     seed: int = 0,
     size: int = 64,
+    train_classes: Sequence[int] | None = None,
+    test_classes: Sequence[int] | None = None,
 ) -> dict:
     """Write Fashion-MNIST from ``src`` into ``root`` as ``size``-px grayscale PNGs.
 
     ``train_per_class=None`` exports the whole train split. Subsets are drawn
     per class with ``np.random.default_rng(seed)``, so they are reproducible.
+    ``train_classes`` / ``test_classes`` (class indices, default all) choose
+    the classes written to ``training/`` and to ``test/``; every class is
+    still drawn, so a kept class gets the same images as in a full export.
     """
     src, root = Path(src), Path(root)
     if (train_per_class is not None and train_per_class < 1) or query_per_class < 1 or gallery_per_class < 1:
         raise ClipretError("images per class must be at least 1 for training, query and gallery")
     if size < 8 or seed < 0:
         raise ClipretError(f"size must be at least 8 and seed non-negative (got size={size}, seed={seed})")
+    keep_train = set(range(len(CLASS_NAMES)) if train_classes is None else train_classes)
+    keep_test = set(range(len(CLASS_NAMES)) if test_classes is None else test_classes)
+    if not keep_train or not keep_test or not (keep_train | keep_test) <= set(range(len(CLASS_NAMES))):
+        raise ClipretError(f"train and test classes must be non-empty subsets of 0..{len(CLASS_NAMES) - 1}")
     train_x, train_y = _load_split(src, "train")
     test_x, test_y = _load_split(src, "test")
     ensure_empty_targets(root)
@@ -133,14 +153,16 @@ def export_fashion_mnist(
     counts = {"n_train": 0, "n_query": 0, "n_gallery": 0}
     rows: list[tuple[str, str]] = []
     for c, name in enumerate(CLASS_NAMES):
-        train_idx = np.sort(_pick(train_y, c, train_per_class, rng_train, "training"))
-        test_idx = _pick(test_y, c, query_per_class + gallery_per_class, rng_test, "query + gallery")
+        train_idx = np.sort(_draw(train_y, c, train_per_class, c in keep_train, rng_train, "training"))
+        test_idx = _draw(test_y, c, query_per_class + gallery_per_class, c in keep_test, rng_test, "query + gallery")
         parts = {
             ("training", "train", "n_train"): (root / "training" / name, train_x, train_idx),
             ("query", "q", "n_query"): (root / "test" / "query" / name, test_x, np.sort(test_idx[:query_per_class])),
             ("gallery", "g", "n_gallery"): (root / "test" / "gallery" / name, test_x, np.sort(test_idx[query_per_class:])),
         }
         for (split, prefix, key), (folder, images, idx) in parts.items():
+            if not len(idx):
+                continue
             folder.mkdir(parents=True, exist_ok=True)
             for i in idx.tolist():
                 file_name = f"{prefix}_{i:05d}.png"
