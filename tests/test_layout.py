@@ -29,8 +29,16 @@ def test_training_set_needs_two_classes(tmp_path):
     with pytest.raises(ClipretError, match="at least 2 classes"):
         training_set(tmp_path)
     _touch(tmp_path / "training" / "other" / "2.jpg")
-    ids, labels, folder = training_set(tmp_path)
+    ids, labels, folder, unusable = training_set(tmp_path)
     assert ids == ["only/1.jpg", "other/2.jpg"] and labels == ["only", "other"] and folder.name == "training"
+    assert unusable == {}
+    import os
+
+    with open(os.path.join(os.fsencode(tmp_path / "training" / "other"), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(b"x")
+    ids, _, _, unusable = training_set(tmp_path)
+    assert ids == ["only/1.jpg", "other/2.jpg"]
+    assert unusable == {"other/caf\\xe9.jpg": "file name is not valid UTF-8; rename the file"}
 
 
 def test_labels_csv_with_and_without_header(tmp_path):

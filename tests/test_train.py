@@ -293,7 +293,7 @@ def test_exported_model_is_the_best_epoch(spied_run, tiny_dataset):
     running = [-math.inf] + [max(scores[: i + 1]) for i in range(len(scores))]
     assert [r["best"] for r in rows] == [s > running[i] for i, s in enumerate(scores)]
     # the model on disk scores exactly what the best epoch logged
-    ids, classes, folder = training_set(tiny_dataset)
+    ids, classes, folder, _ = training_set(tiny_dataset)
     _, val = stratified_split(classes, cfg.val_split, cfg.seed)
     model, spec, _ = load_model(out)
     vecs, _, _ = embed_images(model, folder, [ids[i] for i in val], eval_transform(spec.preprocess), batch_size=6)

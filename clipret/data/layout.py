@@ -177,13 +177,18 @@ def labels_for(ids: Sequence[str], labels: Mapping[str, str], what: str) -> list
     return out
 
 
-def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Path]:
-    """Ids and class names of ``ROOT/training/<class>/*``; returns (ids, labels, folder)."""
+def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Path, dict[str, str]]:
+    """Ids and class names of ``ROOT/training/<class>/*``.
+
+    Returns (ids, labels, folder, unusable): ``unusable`` maps the files that
+    cannot be ids (a name that is not valid UTF-8) to the reason, so training
+    can list them with the other excluded images.
+    """
     root = Path(root)
     folder = root / "training" if (root / "training").is_dir() else root
     if not root.is_dir():
         raise ClipretError(f"dataset folder not found: {root}")
-    ids = list_images(folder)
+    ids, skipped = scan_images(folder)
     by_folder = folder_labels(ids)
     loose = [i for i in ids if i not in by_folder]
     if loose:
@@ -192,7 +197,7 @@ def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Pa
     n_classes = len(set(labels))
     if n_classes < 2:
         raise ClipretError(f"{folder} has {n_classes} class folder(s); metric learning needs at least 2 classes")
-    return ids, labels, folder
+    return ids, labels, folder, {s["id"]: s["reason"] for s in skipped}
 
 
 def ensure_empty_targets(root: Path) -> None:

@@ -96,7 +96,7 @@ def probe_spec(cfg: TrainConfig) -> ModelSpec:
 
 def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainData:
     """List ``ROOT/training``, leave out unreadable images, and split train/val."""
-    ids, class_of, folder = training_set(cfg.root)
+    ids, class_of, folder, unusable = training_set(cfg.root)
     on_event("check", {"total": len(ids)})
     threads = max(1, runtime.resolve_workers(workers, len(ids)))
     bad = check_images(folder, ids, workers=threads, on_progress=lambda n: on_event("checked", {"n": n}))
@@ -109,7 +109,7 @@ def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainDa
     classes = sorted(set(class_of))
     index = {c: n for n, c in enumerate(classes)}
     train_labels = np.array([index[class_of[i]] for i in train_idx], dtype=np.int64)
-    return TrainData(folder, ids, class_of, classes, train_idx, val_idx, train_labels, bad)
+    return TrainData(folder, ids, class_of, classes, train_idx, val_idx, train_labels, {**unusable, **bad})
 
 
 def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> TrainState:
