@@ -264,3 +264,27 @@ def test_demo_runs_offline_and_beats_chance(tmp_path):
     assert (tmp_path / "demo" / "results.json").is_file() and (tmp_path / "demo" / "run" / "model.safetensors").is_file()
     r = run("demo", "--dir", tmp_path / "demo", "--epochs", 1, "--json")  # re-running in the same folder works
     assert r.exit_code == 0, r.output
+
+
+def test_the_design_cards_query_line_works_with_a_trained_run(trained_run, tiny_dataset, tmp_path):
+    """`clipret query FOLDER --model RUN --gallery g.npy --tta --rerank --qe 3`, a bare --tta meaning flip."""
+    g = tmp_path / "g.npy"
+    r = run("embed", tiny_dataset / "test" / "gallery", "--model", trained_run, "--out", g, "--tta", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(g.with_suffix(".json").read_text())["flags"]["tta"] == "flip"
+    res = tmp_path / "r.json"
+    r = run("query", tiny_dataset / "test" / "query", "--model", trained_run, "--gallery", g, "--tta", "--rerank",
+            "--qe", 3, "--k", 5, "--out", res, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "symmetric" not in r.output  # both sides used flip
+    side = json.loads((tmp_path / "r.json.json").read_text())
+    assert side["query"]["flags"]["tta"] == "flip"
+    assert set(side["stages"]) == {"qe", "rerank"} and side["stages"]["qe"]["n"] == 3
+    assert len(json.loads(res.read_text())) == 8
+    q = tmp_path / "q.npy"
+    assert run("embed", tiny_dataset / "test" / "query", "--model", trained_run, "--out", q, "--tta", "flip",
+               "--device", "cpu").exit_code == 0
+    r = run("query", q, "--gallery", g, "--rerank", "--qe", 3, "--out", tmp_path / "r2.json")
+    assert r.exit_code == 0, r.output
+    r = run("query", q, "--gallery", g, "--tta", "--rerank", "--qe", 3)
+    assert r.exit_code == 2 and "pass --tta to the `clipret embed`" in r.output

@@ -114,3 +114,16 @@ def test_cli_records_tta_warns_on_asymmetry_and_refuses_tta_on_npy_queries(tiny_
     r = runner.invoke(app, [str(a) for a in ["query", tmp_path / "qf.npy", "--gallery", tmp_path / "g.npy", "--out", tmp_path / "r3.json"]])
     a, b = json.loads((tmp_path / "r2.json").read_text()), json.loads((tmp_path / "r3.json").read_text())
     assert [x["samples"] for x in a] == [x["samples"] for x in b]
+
+
+@pytest.mark.parametrize("args,want", [
+    (["query", "q.npy", "--tta", "--rerank"], ["query", "q.npy", "--tta", "flip", "--rerank"]),
+    (["embed", "dir", "--tta"], ["embed", "dir", "--tta", "flip"]),
+    (["query", "--tta", "./queries", "--model", "m"], ["query", "--tta", "flip", "./queries", "--model", "m"]),
+    (["query", "q", "--tta", "flip,scales", "--qe", "3"], ["query", "q", "--tta", "flip,scales", "--qe", "3"]),
+    (["query", "q", "--tta=flip"], ["query", "q", "--tta=flip"]),
+])
+def test_a_bare_tta_means_flip(args, want):
+    from clipret.cli import expand_bare_options
+
+    assert expand_bare_options(args) == want

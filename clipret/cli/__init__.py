@@ -10,12 +10,39 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from clipret import __version__
 from clipret.cli import _console, demo, embed, evaluate, index, query, train
 
+# Options whose value is optional: given bare (`--tta --rerank`, `--tta ./queries`), they take the
+# default value; the next word is their value only when it is one of the words that value is made of.
+BARE_VALUES = {"--tta": ("flip", {"flip", "scales", "none", "off"})}
+
+
+def expand_bare_options(args: list[str]) -> list[str]:
+    """``[..., "--tta", "--rerank"]`` -> ``[..., "--tta", "flip", "--rerank"]``; a given value is kept."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in BARE_VALUES:
+            default, words = BARE_VALUES[arg]
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or not set(p.strip().lower() for p in nxt.split(",")) <= words:
+                out.append(default)
+    return out
+
+
+class _Group(TyperGroup):
+    """The command group; lets ``--tta`` be given bare, as the design card writes it (`query --tta --rerank`)."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        return super().parse_args(ctx, expand_bare_options(list(args)))
+
+
 app = typer.Typer(
     name="clipret",
+    cls=_Group,
     help=(
         "Train and serve CLIP-based image retrieval.\n\n"
         "Typical run:\n\n"

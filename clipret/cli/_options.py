@@ -28,8 +28,8 @@ Tta = Annotated[
     Optional[str],
     typer.Option(
         "--tta",
-        help="Test-time augmentation: flip (2 forward passes per image) or flip,scales (4). Give the same --tta to the "
-        "gallery's `embed` and to `query`.",
+        help="Test-time augmentation: flip (2 forward passes per image; a bare --tta means flip) or flip,scales (4). "
+        "Give the same --tta to the gallery's `embed` and to `query`.",
         show_default=False,
     ),
 ]
