@@ -195,3 +195,41 @@ def test_out_under_a_regular_file_is_one_line(labelled):
     (t / "plain").write_text("x")
     _one_line_error(run("query", t / "q.npy", "--gallery", t / "g.npy", "--out", t / "plain" / "r.json"),
                     "a parent of it is a file")
+
+
+def test_automatic_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    from clipret import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert runtime.resolve_workers(None, 10_000) == 2  # not os.cpu_count()
+    assert runtime.resolve_workers(None, 100) == 0  # a small job decodes in the main process
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime.resolve_workers(None, 10_000) == runtime.MAX_AUTO_WORKERS
+    assert runtime.resolve_workers(3, 10) == 3  # an explicit value wins
+    from clipret.errors import ClipretError
+
+    with pytest.raises(ClipretError):
+        runtime.resolve_workers(-1, 10)
+
+
+def test_help_texts_say_what_each_k_means_and_claim_no_untested_best():
+    text = " ".join(run("train", "--help").output.split())
+    assert "512-d" not in text and "measured best" not in text
+    assert "Images per class in a P×K batch (K); not a top-k" in text
+
+
+def test_disk_full_while_training_exports_the_model_is_one_line(tiny_dataset, tmp_path, monkeypatch):
+    from conftest import TINY_RN
+    from safetensors import torch as st
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", full)
+    out = tmp_path / "run"
+    r = run("train", tiny_dataset, "--out", out, "--model", TINY_RN, "--pretrained", "none", "--image-size", 32,
+            "--epochs", 1, "--p", 2, "--k", 2, "--workers", 0, "--device", "cpu", "--val-split", 0)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]  # after the "training ..." info line, the error is one line
+    assert last.startswith("error: no space left on device writing") and "model.safetensors (needs ~" in last
+    assert not list(out.glob(".*.tmp"))  # no temporary file left behind
