@@ -27,7 +27,7 @@ def _clustered(n, d, centers, seed, spread=0.35):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _ref_pipeline(q, g, dba=0, qe=0, qe_alpha=None, rerank=False, k1=5, k2=3, lam=0.3):
+def _ref_pipeline(q, g, dba=0, qe=0, qe_alpha=None, rerank=False, k1=5, k2=3, lam=Stages().lam):
     """The stages composed from the slow references, in the documented order: (Q, G) distances, lower is better."""
     g = np.array(ref_dba(g.tolist(), dba), dtype=np.float64) if dba else g.astype(np.float64)
     q = q.astype(np.float64)
@@ -71,7 +71,7 @@ def test_retrieve_equals_the_references_composed_in_order(stages):
 
 def test_reranked_scores_are_one_minus_the_final_distance():
     q, g = _clustered(4, 8, 3, seed=3), _clustered(25, 8, 3, seed=4)
-    scores, idx = retrieve(q, g, 5, Stages(rerank=True, k1=5, k2=3))
+    scores, idx = retrieve(q, g, 5, Stages(rerank=True, k1=5, k2=3, lam=0.3))
     final = ref_k_reciprocal_rerank(q, g, k1=5, k2=3, lam=0.3)
     np.testing.assert_allclose(scores, 1 - np.take_along_axis(final, idx, axis=1), atol=1e-5)
 
@@ -132,7 +132,7 @@ def test_query_with_stages_writes_the_stages_and_matches_the_api(embedded):
             "--out", t / "r.json")
     assert r.exit_code == 0, r.output
     side = json.loads((t / "r.json.json").read_text())
-    assert side["stages"] == {"qe": {"n": 3, "alpha": None}, "rerank": {"k1": 8, "k2": 3, "lambda": 0.3}}
+    assert side["stages"] == {"qe": {"n": 3, "alpha": None}, "rerank": {"k1": 8, "k2": 3, "lambda": 0.1}}
     assert side["score"].startswith("1 - ")
     q, g = artifacts.load_embeddings(t / "q.npy"), artifacts.load_embeddings(t / "g.npy")
     scores, idx = retrieve(q.vectors, g.vectors, 5, Stages(qe=3, rerank=True, k1=8, k2=3))
@@ -170,7 +170,7 @@ def test_evaluate_takes_the_same_stages_and_scores_the_reranked_ranking(embedded
     from clipret import metrics
 
     q, g = artifacts.load_embeddings(t / "q.npy"), artifacts.load_embeddings(t / "g.npy")
-    final = ref_k_reciprocal_rerank(q.vectors, g.vectors, k1=8, k2=3, lam=0.3)
+    final = ref_k_reciprocal_rerank(q.vectors, g.vectors, k1=8, k2=3, lam=0.1)  # the default --lambda
     ranked = np.array([sorted(range(len(g)), key=lambda j: (final[i, j], j)) for i in range(len(q))])
     ql, gl = [i.split("/")[0] for i in q.ids], [i.split("/")[0] for i in g.ids]
     want = metrics.evaluate_full(np.array(ql), np.array(gl), ranked, [1, 5])

@@ -87,7 +87,7 @@ def test_each_image_is_decoded_once_whatever_the_views(tmp_path, monkeypatch):
         _img(i).save(tmp_path / f"{i}.png")
     calls = []
     real = dataset.load_rgb
-    monkeypatch.setattr(dataset, "load_rgb", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(dataset, "load_rgb", lambda p, *a: calls.append(p) or real(p, *a))
     emb = embed_folder(tmp_path, str(TINY_VIT), "none", workers=0, device="cpu", tta="flip,scales")
     assert len(emb) == 5 and len(calls) == 5
     assert emb.flags["tta"] == "flip,scales"
@@ -122,8 +122,11 @@ def test_cli_records_tta_warns_on_asymmetry_and_refuses_tta_on_npy_queries(tiny_
     (["query", "--tta", "./queries", "--model", "m"], ["query", "--tta", "flip", "./queries", "--model", "m"]),
     (["query", "q", "--tta", "flip,scales", "--qe", "3"], ["query", "q", "--tta", "flip,scales", "--qe", "3"]),
     (["query", "q", "--tta=flip"], ["query", "q", "--tta=flip"]),
+    (["query", "q", "--tta", "--rerank", "--qe"], ["query", "q", "--tta", "flip", "--rerank", "--qe", "5"]),
+    (["query", "q", "--qe", "3", "--rerank"], ["query", "q", "--qe", "3", "--rerank"]),
+    (["query", "q", "--qe", "--k", "3"], ["query", "q", "--qe", "5", "--k", "3"]),
 ])
-def test_a_bare_tta_means_flip(args, want):
+def test_a_bare_tta_means_flip_and_a_bare_qe_means_5(args, want):
     from clipret.cli import expand_bare_options
 
     assert expand_bare_options(args) == want

@@ -15,26 +15,30 @@ from typer.core import TyperGroup
 from clipret import __version__
 from clipret.cli import _console, demo, embed, evaluate, index, query, train
 
-# Options whose value is optional: given bare (`--tta --rerank`, `--tta ./queries`), they take the
-# default value; the next word is their value only when it is one of the words that value is made of.
-BARE_VALUES = {"--tta": ("flip", {"flip", "scales", "none", "off"})}
+def _tta_words(word: str) -> bool:
+    return {p.strip().lower() for p in word.split(",")} <= {"flip", "scales", "none", "off"}
+
+
+# Options whose value is optional, as the design card writes them (`query --tta --rerank --qe`): given
+# bare, they take the default below; the next word is their value only when it looks like one.
+BARE_VALUES = {"--tta": ("flip", _tta_words), "--qe": ("5", str.isdigit)}
 
 
 def expand_bare_options(args: list[str]) -> list[str]:
-    """``[..., "--tta", "--rerank"]`` -> ``[..., "--tta", "flip", "--rerank"]``; a given value is kept."""
+    """``[..., "--tta", "--rerank", "--qe"]`` -> ``[..., "--tta", "flip", "--rerank", "--qe", "5"]``; given values stay."""
     out: list[str] = []
     for i, arg in enumerate(args):
         out.append(arg)
         if arg in BARE_VALUES:
-            default, words = BARE_VALUES[arg]
+            default, is_value = BARE_VALUES[arg]
             nxt = args[i + 1] if i + 1 < len(args) else None
-            if nxt is None or not set(p.strip().lower() for p in nxt.split(",")) <= words:
+            if nxt is None or not is_value(nxt):
                 out.append(default)
     return out
 
 
 class _Group(TyperGroup):
-    """The command group; lets ``--tta`` be given bare, as the design card writes it (`query --tta --rerank`)."""
+    """The command group; lets ``--tta`` and ``--qe`` be given bare, as the design card writes them."""
 
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
         return super().parse_args(ctx, expand_bare_options(list(args)))

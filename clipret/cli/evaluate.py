@@ -27,7 +27,7 @@ def evaluate_command(
     rerank: Rerank = False,
     k1: K1 = 20,
     k2: K2 = 6,
-    lam: Lam = 0.3,
+    lam: Lam = 0.1,
     nprobe: Nprobe = None,
     ef_search: EfSearch = None,
     as_json: Json = False,
