@@ -26,3 +26,16 @@ def maybe_kill(when: str, filename: str) -> None:
     _counts[spec] = _counts.get(spec, 0) + 1
     if _counts[spec] == int(nth):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail(step: int) -> None:
+    """``CLIPRET_FAULT_RAISE=RANK:STEP``: raise a user error on torchrun rank RANK after its
+    optimiser step STEP (1-based), as a rank that fails alone would (tests of failing together)."""
+    spec = os.environ.get("CLIPRET_FAULT_RAISE")
+    if not spec:
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    if rank == int(os.environ.get("RANK", "0")) and step == at:
+        from clipret.errors import ClipretError
+
+        raise ClipretError(f"injected failure at step {step} (CLIPRET_FAULT_RAISE)")

@@ -22,7 +22,8 @@ __all__ = ["AMPS", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "
 AMPS = ("auto", "bf16", "fp16", "none")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.
-RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every")
+RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every", "grad_checkpointing", "channels_last",
+                      "compile", "tf32")
 
 
 @dataclass
@@ -66,6 +67,11 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     exact_decode: bool = False  # False: large JPEGs decode at a reduced scale (clipret.data.decode.load_rgb)
+    # speed (clipret.train.fast): how the steps run, not what they compute (beyond float rounding)
+    grad_checkpointing: bool = False  # recompute ViT blocks in the backward (less memory, ~1/3 more compute)
+    channels_last: bool = False  # NHWC memory layout for CNN towers
+    compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

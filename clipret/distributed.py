@@ -8,6 +8,14 @@ with one process it does nothing, so the same code runs unchanged on one CPU, on
 several nodes.
 
 Collectives here are thin wrappers that are no-ops with one process.
+
+Two kinds of waiting: a collective on the default group waits at most its timeout
+(``CLIPRET_DIST_TIMEOUT``, 600 s), which is how long a rank that hangs can hold the others.
+Where ranks wait for real work of another rank (rank 0 checking every training image while
+the others wait), :func:`work_group` gives a gloo group with a long timeout
+(``CLIPRET_WAIT_TIMEOUT``, 24 h) and :func:`from_main` runs the work on rank 0 over it. A rank
+that dies does not leave the others waiting that long: gloo reports the closed connection
+at once, and torchrun stops every rank as soon as one exits with an error.
 """
 
 from __future__ import annotations
@@ -15,14 +23,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from clipret import runtime
+from clipret.errors import ClipretError
 
-__all__ = ["process_group", "active", "barrier", "all_gather_object", "broadcast_object", "backend_for"]
+__all__ = ["PeerError", "process_group", "active", "barrier", "all_true", "all_gather_object", "broadcast_object",
+           "backend_for", "from_main", "work_group"]
 
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a missing rank before failing
+WAIT_TIMEOUT_S = 24 * 3600  # work_group: a rank may wait this long for another's work
+T = TypeVar("T")
+
+
+class PeerError(ClipretError):
+    """This rank stops because rank 0 failed with this error in :func:`from_main`, and rank 0
+    prints it: the CLI exits non-zero without printing it again."""
 
 
 def backend_for(device: Any) -> str:
@@ -41,7 +58,9 @@ def active() -> bool:
 def process_group(device: Any, timeout_s: float | None = None) -> Iterator[bool]:
     """Initialise the default process group when WORLD_SIZE > 1; yield whether one is active.
 
-    ``device`` picks the backend. The group is destroyed on exit, also on error. The timeout
+    ``device`` picks the backend. The group is destroyed on exit, also on error; on a normal
+    exit after a barrier, since a rank that tears its group down while another still talks
+    to it can abort (gloo). The timeout
     (``CLIPRET_DIST_TIMEOUT`` seconds, default 600) bounds how long a collective waits for a rank
     that died; torchrun also stops the other ranks as soon as one exits with an error.
     """
@@ -61,6 +80,7 @@ def process_group(device: Any, timeout_s: float | None = None) -> Iterator[bool]
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     try:
         yield True
+        dist.barrier()  # a normal exit: every rank done with every collective before any tears down
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
@@ -71,6 +91,19 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def all_true(flag: bool, device: Any = "cpu") -> bool:
+    """True when ``flag`` is true on every rank (``flag`` itself with one process). ``device``:
+    where the one-element tensor goes (a CUDA device under NCCL)."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -94,3 +127,49 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def work_group() -> Iterator[Any]:
+    """A gloo group over every rank with a long timeout (``CLIPRET_WAIT_TIMEOUT`` seconds,
+    default 24 h), for waiting on another rank's work; ``None`` without an active group.
+    Every rank must enter it at the same point."""
+    if not active():
+        yield None
+        return
+    import torch.distributed as dist
+
+    seconds = float(os.environ.get("CLIPRET_WAIT_TIMEOUT") or WAIT_TIMEOUT_S)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+    try:
+        yield group
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)
+
+
+def from_main(fn: Callable[[], T], group: Any = None) -> T:
+    """Run ``fn`` on rank 0 only and hand its result to every rank (over ``group``, e.g. a
+    :func:`work_group`; ``None`` with one process runs ``fn`` here).
+
+    A :class:`ClipretError` from ``fn`` is raised on rank 0 as is and as :class:`PeerError`,
+    with the same message, on the others, so every rank stops together.
+    """
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    error: ClipretError | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ClipretError as exc:
+            error, box[0] = exc, ("error", str(exc))
+    dist.broadcast_object_list(box, src=0, group=group)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise PeerError(value)
+    return value

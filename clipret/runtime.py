@@ -27,6 +27,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cpus_per_rank() -> int:
+    """This process's fair share of the CPUs it may use: :func:`available_cpus` split between the
+    ranks of this node (at least 1)."""
+    return max(1, available_cpus() // local_world_size())
+
+
 MAX_AUTO_WORKERS = 8
 SMALL_JOB_IMAGES = 256  # below this, starting worker processes costs more than it saves
 
@@ -55,18 +71,37 @@ def resolve_workers(workers: int | None, n_images: int | None = None) -> int:
 
 
 def resolve_device(device: str = "auto") -> Any:
-    """"auto" -> cuda if available, else cpu. Asking for cuda without one is a user error."""
+    """"auto" -> cuda if available, else cpu. Asking for cuda without one is a user error.
+
+    "auto" and a bare "cuda" mean this process's own GPU: ``cuda:LOCAL_RANK`` under torchrun
+    (modulo the visible GPUs, so a launcher that shows each rank one GPU also works), ``cuda:0``
+    otherwise. An explicit ``cuda:N`` is taken as given.
+    """
     import torch
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipretError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if device not in {"cpu"} and not device.startswith("cuda"):
+    if device not in {"auto", "cpu"} and not device.startswith("cuda"):
         raise ClipretError(f"unknown --device {device!r}; use auto, cpu or cuda")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ClipretError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device in {"auto", "cuda"}:
+        return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
     return torch.device(device)
+
+
+def set_tf32(device: Any, enabled: bool = True) -> None:
+    """Let float32 matmuls and convolutions on CUDA use TF32 tensor cores (or not).
+
+    TF32 keeps float32's range with a 10-bit mantissa in the products (sums stay float32); torch
+    leaves it off for matmuls by default. Process-wide; a no-op for other devices.
+    """
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def resolve_amp(amp: str | None, device: Any) -> Any:

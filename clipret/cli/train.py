@@ -29,6 +29,11 @@ Example:
 Continue an interrupted run with its own settings (data root included):
 
   clipret train --resume runs/b16
+
+On several GPUs, the same command under torchrun (one process per GPU; each
+optimiser step sees P×K images per GPU, and --lr is used as given):
+
+  torchrun --nproc_per_node 8 -m clipret train ./data --model ViT-L-14 --out runs/l14
 """
 
 Pool = enum.Enum("Pool", {v: v for v in POOLS}, type=str)  # type: ignore[misc]
@@ -70,8 +75,10 @@ def train_command(
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.1,
     image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the model's own.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs; an epoch is about one pass over the training images.")] = 15,
-    p: Annotated[int, typer.Option("--p", help="Classes per P×K batch (P).")] = 32,
-    k: Annotated[int, typer.Option("--k", help="Images per class in a P×K batch (K); not a top-k.")] = 4,
+    p: Annotated[int, typer.Option("--p", "--classes-per-batch", help=(
+        "Classes per P×K batch (P), per process. Under torchrun write --classes-per-batch: torchrun's own "
+        "parser mistakes --p for its --print-completion."))] = 32,
+    k: Annotated[int, typer.Option("--k", "--images-per-class", help="Images per class in a P×K batch (K); not a top-k.")] = 4,
     lr: Annotated[float, typer.Option(help="Base learning rate (top transformer block).")] = 4e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases, norms, GeM p).")] = 0.05,
     llrd: Annotated[float, typer.Option(help="Layer-wise LR decay per block going down.")] = 0.65,
@@ -94,9 +101,19 @@ def train_command(
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends only).")] = 0,
     exact_decode: ExactDecode = False,
+    grad_checkpointing: Annotated[bool, typer.Option(
+        help="Recompute each ViT block in the backward pass instead of storing its activations: less GPU memory, "
+             "about a third more compute. No effect on ResNet towers.")] = False,
+    channels_last: Annotated[bool, typer.Option(
+        help="Channels-last (NHWC) memory layout for CNN (RN*) towers; faster convolutions on recent GPUs.")] = False,
+    compile: Annotated[bool, typer.Option(
+        help="torch.compile the training forward (slow first step); falls back to eager, with a warning, if compiling fails.")] = False,
+    tf32: Annotated[bool, typer.Option(
+        help="Let float32 matmuls and convolutions on CUDA use TF32 tensor cores.")] = True,
     resume: Annotated[bool, typer.Option(
         help="Continue a run from its checkpoint, with its own settings: `--resume RUN` or `ROOT --out RUN --resume`. "
-             "Only --workers, --device, --amp, --save-every and ROOT may be given anew.")] = False,
+             "Only --workers, --device, --amp, --save-every, the speed switches (--grad-checkpointing, --channels-last, "
+             "--compile, --tf32) and ROOT may be given anew; under torchrun the number of processes may change.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     config: Annotated[
         Optional[Path],
@@ -148,6 +165,35 @@ def _train_new(cfg: Any, overwrite: bool, on_event: Any) -> dict[str, Any]:
 
 
 def _run(start: Any) -> None:
+    """Run ``start(on_event)`` with progress on rank 0; every rank leaves on an error, non-zero."""
+    from clipret import runtime
+    from clipret.distributed import PeerError
+    from clipret.errors import ClipretError
+
+    try:
+        _run_with_progress(start)
+    except PeerError:  # rank 0 raised the same error and prints it
+        raise typer.Exit(2) from None
+    except ClipretError as exc:
+        if runtime.world_size() > 1 and not runtime.is_main():
+            raise ClipretError(f"rank {runtime.rank()}: {exc}") from None
+        raise
+    except RuntimeError as exc:
+        if runtime.world_size() > 1 and _lost_peer(exc):
+            _console.fail(f"rank {runtime.rank()} lost contact with another rank, which failed or was stopped "
+                          "(its error is above)", code=1)
+        raise
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo/NCCL messages, or torch's DistError)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "closed by peer" in text or "Connection reset" in text
+
+
+def _run_with_progress(start: Any) -> None:
     state: dict[str, Any] = {}
     bars, checking = contextlib.ExitStack(), contextlib.ExitStack()
 
@@ -169,10 +215,15 @@ def _run(start: Any) -> None:
         elif kind == "epoch":
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
+        elif kind == "warning":
+            _console.warn(payload["message"])
 
     with bars, checking:
-        summary = start(on_event)
-    _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
+        summary = start(on_event)  # on ranks other than 0 no event comes
+    from clipret import runtime
+
+    if runtime.is_main():
+        _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
 
 
 def _shown(value: Any) -> Any:
@@ -186,11 +237,18 @@ def _setup_lines(payload: dict[str, Any]) -> None:
         what = "; overridden: " + ", ".join(f"{n.replace('_', '-')} {_shown(new)} (was {_shown(old)})"
                                             for n, (old, new) in changed.items()) if changed else ""
         done = "; it had finished, nothing is left to train" if resumed["step"] >= payload["total_steps"] else ""
-        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}{done}")
+        saved_world, world = resumed.get("world_size") or (None, None)
+        ranks = (f"; it ran on {saved_world} process(es), now {world}: it goes on at the same point of the schedule, "
+                 "not bit for bit as an uninterrupted run") if saved_world not in (None, world) else ""
+        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}{ranks}{done}")
+    world = payload.get("world_size", 1)
+    batch = f"P×K = {payload['p']}×{payload['k']}" + (f" per process × {world} processes = {payload['batch']} images per step"
+                                                      if world > 1 else "")
+    where = f"{world} processes ({payload['device']} on rank 0)" if world > 1 else payload["device"]
     _console.info(
         f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
-        f"{payload['n_classes']} classes, {payload['n_val']} held out; P×K = {payload['p']}×{payload['k']}; "
-        f"{payload['total_steps']} steps on {payload['device']} (amp: {payload['amp']}, workers: {payload['workers']})"
+        f"{payload['n_classes']} classes, {payload['n_val']} held out; {batch}; "
+        f"{payload['total_steps']} steps on {where} (amp: {payload['amp']}, workers: {payload['workers']})"
     )
     for w in payload["warnings"]:
         _console.warn(w)

@@ -43,6 +43,17 @@ class TokenTower(nn.Module):
             return len(self.visual.transformer.resblocks)
         return 4
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """Recompute each transformer block in the backward pass instead of keeping its activations.
+
+        Uses open_clip's ``set_grad_checkpointing`` (``torch.utils.checkpoint``, non-reentrant),
+        which :meth:`forward` goes through for every ViT block. Returns whether the tower
+        supports it: open_clip's ModifiedResNet accepts the call and does nothing, so CNN towers
+        return False.
+        """
+        self.visual.set_grad_checkpointing(enable)
+        return self.kind == "vit"
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(B, 3, H, W) images -> (cls (B, C) or None, tokens (B, N, C))."""
         return _open_clip.token_features(self.visual, self.kind, x)

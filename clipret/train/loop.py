@@ -13,8 +13,13 @@ best model and checkpoints.
 The loop is resumable and rank-aware: every random choice is seeded per
 epoch (sampler), per sample (augmentation, see
 :class:`clipret.data.dataset.ImageFolderDataset`) or captured in the
-checkpoint (python/numpy/torch RNG, which dropout draws from); the sampler
-can start mid-epoch; and only rank 0 writes files.
+checkpoint (python/numpy/torch RNG of every rank, which dropout draws from);
+the sampler can start mid-epoch; and only rank 0 writes files.
+
+Under torchrun (``torchrun --nproc_per_node N -m clipret train ...``) every
+rank runs this same loop in DistributedDataParallel (:mod:`clipret.train.ddp`):
+the process group is set up here, around the whole run, and taken down on the
+way out, also on error. Only rank 0 reports events and writes files.
 """
 
 from __future__ import annotations
@@ -29,19 +34,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from clipret import artifacts, runtime
+from clipret import _fault, artifacts, distributed, runtime
 from clipret.config import TrainConfig
 from clipret.data.dataset import collate
-from clipret.data.decode import decode_side_for
-from clipret.data.transforms import eval_transform
 from clipret.errors import ClipretError
-from clipret.inference import embed_images
 from clipret.model.build import save_model
+from clipret.train.heldout import validate_epoch
 from clipret.train.llrd import current_lrs
 from clipret.train.resume import resumed_config
 from clipret.train.setup import EXCLUDED_NAME, Event, TrainState, prepare
 from clipret.train.state import CHECKPOINT_NAME, capture_rng
-from clipret.train.validate import leave_one_out
 
 __all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
 METRICS_NAME = "metrics.jsonl"
@@ -54,17 +56,19 @@ def _noop(kind: str, payload: dict[str, Any]) -> None:
 def train(cfg: TrainConfig, *, overwrite: bool = False, on_event: Event = _noop) -> dict[str, Any]:
     """Fine-tune a retrieval model on ``cfg.root``; write the run into ``cfg.out``.
 
-    Returns a summary dict (best epoch, its metrics, paths).
+    Returns a summary dict (best epoch, its metrics, paths). Under torchrun, every rank
+    calls this; only rank 0 gets events (``on_event``) and writes files.
     """
     cfg.validate()
-    _single_process()
+    on_event = on_event if runtime.is_main() else _noop
     out = Path(cfg.out)
     if not overwrite and ((out / CHECKPOINT_NAME).exists() or (out / artifacts.WEIGHTS_NAME).exists()):
         raise ClipretError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.root:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "root": str(Path(cfg.root).resolve())})
-    _remove_stale_temps(out)
-    return _run(prepare(cfg, None, on_event), None, on_event)
+    with distributed.process_group(runtime.resolve_device(cfg.device)):
+        _remove_stale_temps(out)
+        return _run(prepare(cfg, None, on_event), None, on_event)
 
 
 def resume(run: str | Path, *, overrides: Mapping[str, Any] | None = None, on_event: Event = _noop) -> dict[str, Any]:
@@ -72,22 +76,24 @@ def resume(run: str | Path, *, overrides: Mapping[str, Any] | None = None, on_ev
 
     ``overrides`` holds settings the user gave explicitly; only those of
     :data:`clipret.config.RESUME_OVERRIDABLE` may differ from the run's (see
-    :func:`clipret.train.resume.resumed_config`). The resumed run performs
-    exactly the optimiser steps the original schedule had left, and ends
-    with the same weights as an uninterrupted run.
+    :func:`clipret.train.resume.resumed_config`). With the world size it was
+    saved with, the resumed run performs exactly the optimiser steps the
+    original schedule had left, and ends with the same weights as an
+    uninterrupted run. With another world size it goes on at the same point of
+    the epoch plan and of the LR schedule (see :func:`clipret.train.resume.continue_at`).
     """
-    _single_process()
+    on_event = on_event if runtime.is_main() else _noop
     out = Path(run)
     ckpt = artifacts.load_checkpoint(out / CHECKPOINT_NAME)
     cfg, changed = resumed_config(ckpt["config"], out, overrides)
-    _remove_stale_temps(out)
-    state = prepare(cfg, ckpt, on_event)
-    return _run(state, {"step": state.step, "changed": changed}, on_event)
+    with distributed.process_group(runtime.resolve_device(cfg.device)):
+        _remove_stale_temps(out)
+        return _run_resumed(prepare(cfg, ckpt, on_event), changed, on_event)  # the DDP model is gone before the group
 
 
-def _single_process() -> None:
-    if runtime.world_size() > 1:
-        raise ClipretError("multi-process (torchrun) training is not supported yet; run a single process")
+def _run_resumed(state: TrainState, changed: dict[str, Any], on_event: Event) -> dict[str, Any]:
+    resumed = {"step": state.step, "changed": changed, "world_size": (state.resumed_world_size, state.world_size)}
+    return _run(state, resumed, on_event)
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -116,7 +122,9 @@ def _setup_payload(state: TrainState, resumed: dict[str, Any] | None) -> dict[st
         "warnings": state.warnings, "total_steps": state.total_steps, "start_step": state.step,
         "device": str(state.device), "amp": str(state.amp).replace("torch.", "") if state.amp is not None else "none",
         "workers": state.workers, "backbone": state.spec.backbone, "pretrained": state.spec.pretrained,
-        "resumed": resumed,  # None, or {"step": steps already taken, "changed": {setting: (saved, new)}}
+        "world_size": state.world_size, "batch": state.p * cfg.k * state.world_size,  # images per optimiser step
+        # None, or {"step": steps already taken, "changed": {setting: (saved, new)}, "world_size": (saved, now)}
+        "resumed": resumed,
         "excluded": [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())],
     }
 
@@ -124,7 +132,7 @@ def _setup_payload(state: TrainState, resumed: dict[str, Any] | None) -> dict[st
 def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[float], int, float]:
     """Train one epoch (0-based) from ``state.start_batch`` if it is the first one resumed.
 
-    Returns (the epoch's step losses, images seen, seconds).
+    Returns (the epoch's step losses, images seen by all ranks, seconds).
     """
     first = state.start_batch if epoch == state.start_epoch else 0
     losses = list(state.resumed_losses) if first else []  # the mean loss still covers the steps before a crash
@@ -137,27 +145,47 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
     t_epoch, seen = time.perf_counter(), 0
     for batch_no, batch in enumerate(loader, start=first):
         t0 = time.perf_counter()
-        if batch["images"] is None:
+        if not _usable(state, batch, on_event):
             continue
         info = train_step(state, batch, epoch)
+        t1 = time.perf_counter()
         losses.append(info["loss"])
-        seen += len(batch["indices"])
+        seen += len(batch["indices"]) * state.world_size  # every rank took a batch of the same size
+        if state.trace is not None:
+            state.trace.record(state.step, state.model, info["loss"], t0, t1)
+        _fault.maybe_fail(state.step)
         on_event("step", {"step": state.step, "total": state.total_steps, "epoch": epoch + 1,
-                          "img_s": len(batch["indices"]) / max(time.perf_counter() - t0, 1e-9), **info})
+                          "img_s": len(batch["indices"]) * state.world_size / max(t1 - t0, 1e-9), **info})
         if state.cfg.save_every and state.step % state.cfg.save_every == 0 and batch_no + 1 < epoch_length:
             save_checkpoint(state, epoch, batch_no + 1, losses)
     return losses, seen, time.perf_counter() - t_epoch
 
 
+def _usable(state: TrainState, batch: dict[str, Any], on_event: Event) -> bool:
+    """Whether to train on ``batch``. One process trains on whatever images of it could be read.
+    Under DDP every rank must bring a full P×K batch (the loss gathers equal shapes), so when an
+    image failed to load on any rank, every rank skips this step together."""
+    if state.world_size == 1:
+        return batch["images"] is not None
+    full = batch["images"] is not None and len(batch["indices"]) == state.p * state.cfg.k
+    if distributed.all_true(full, state.device):
+        return True
+    on_event("warning", {"message": f"skipped a step after step {state.step}: an image of it could not be read on some rank "
+                                    "(under torchrun every rank needs a full P×K batch)"})
+    return False
+
+
 def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
     """One optimiser step on a collated batch; returns {"loss", "lr", "head_lr", ...miner info}.
 
-    ``lr`` is the base LR this step used (the top block's), ``head_lr`` the head's.
+    ``loss`` is the loss of the whole step's batch (every rank's); ``lr`` is the base LR
+    this step used (the top block's), ``head_lr`` the head's.
     """
-    images = batch["images"].to(state.device, non_blocking=True)
+    fmt = torch.channels_last if state.channels_last else torch.preserve_format
+    images = batch["images"].to(state.device, non_blocking=True, memory_format=fmt)
     labels = torch.as_tensor(state.data.train_labels[batch["indices"].numpy()], device=state.device)
     with runtime.autocast(state.device, state.amp):
-        emb = state.model(images)
+        emb = state.forward(images)
     loss, info = state.objective(emb, labels, epoch)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
@@ -168,22 +196,21 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
     lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
     state.scheduler.step()
     state.step += 1
-    return {"loss": float(loss.detach()), "lr": lr, "head_lr": head_lr, **info}
+    return {"loss": float(loss.detach()) / state.objective.world_size, "lr": lr, "head_lr": head_lr, **info}
 
 
 def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: float) -> dict[str, Any]:
-    """Validate, export the model if it is the best so far, log and checkpoint; return the epoch's row."""
-    cfg, data = state.cfg, state.data
+    """Validate, export the model if it is the best so far, log and checkpoint; return the epoch's row.
+
+    Every rank validates its share and gets the same scores (:func:`validate_epoch`), so every
+    rank takes the same "best" decision; rank 0 writes.
+    """
     lr, head_lr = state.last_lrs or current_lrs(state.optimizer)  # the LRs of the epoch's last step
     row: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)) if losses else None,
                            "lr": lr, "head_lr": head_lr, "mining": state.objective.mining(epoch), "img_per_s": img_per_s}
-    if len(data.val_idx):
-        val_ids = [data.ids[i] for i in data.val_idx]
-        vecs, kept, _ = embed_images(state.model, data.folder, val_ids, eval_transform(state.spec.preprocess),
-                                     batch_size=state.p * cfg.k, workers=state.workers, device=state.device, amp=state.amp,
-                                     decode_side=decode_side_for(state.spec.preprocess["size"], cfg.exact_decode))
-        by_id = dict(zip(data.ids, data.class_of))
-        row.update(leave_one_out(vecs, [by_id[i] for i in kept]))
+    scores = validate_epoch(state)
+    if scores is not None:
+        row.update(scores)
         score = row["val_map@r"]
     else:
         score = float(epoch)  # no validation: the last epoch is the one exported
@@ -200,13 +227,18 @@ def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: flo
 
 
 def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[float]) -> None:
-    """Write ``checkpoint.pt``: resume goes on at batch ``batch`` of epoch ``epoch`` (0-based)."""
+    """Write ``checkpoint.pt``: resume goes on at batch ``batch`` (of each rank) of epoch ``epoch`` (0-based).
+
+    Every rank calls this (each hands over its RNG state); rank 0 writes.
+    """
+    rngs = distributed.all_gather_object(capture_rng())
     if not runtime.is_main():
         return
     artifacts.save_checkpoint(state.out / CHECKPOINT_NAME, {
         "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-        "epoch": epoch, "batch": batch, "step": state.step, "rng": capture_rng(),
+        "epoch": epoch, "batch": batch, "step": state.step, "rng": rngs[0], "rng_ranks": rngs,
+        "world_size": state.world_size,
         "best": state.best, "history": state.history, "config": state.cfg.to_dict(), "spec": state.spec.to_dict(),
         "classes": state.data.classes, "train_ids": state.data.ids_digest(), "epoch_losses": losses,
     })

@@ -6,6 +6,8 @@ settings; a setting given again explicitly (on the command line or in a
 ``--config`` file) replaces the saved one only if it is about where things
 are or how they run (:data:`clipret.config.RESUME_OVERRIDABLE`), since the
 rest would change what the remaining steps compute.
+
+The number of processes (torchrun's world size) may change too: see :func:`continue_at`.
 """
 
 from __future__ import annotations
@@ -56,3 +58,17 @@ def resumed_config(
     cfg = replace(cfg, **{n: new for n, (_, new) in changed.items()}, out=str(run))
     return cfg, changed
 
+
+
+def continue_at(epoch: int, batch: int, saved_world: int, world: int, epoch_length: int) -> tuple[int, int]:
+    """Where a run saved by ``saved_world`` ranks goes on with ``world`` ranks.
+
+    The checkpoint says each of its ranks had taken ``batch`` batches of epoch ``epoch``
+    (0-based), so ``batch * saved_world`` batches of the shared epoch plan were trained on.
+    Each of the ``world`` ranks now starts at its batch ``ceil(batch * saved_world / world)``
+    (up to ``world - 1`` batches of the plan are skipped), and the step count becomes
+    ``epoch * epoch_length + that``, where ``epoch_length`` is the batches per rank per epoch
+    with ``world`` ranks. Returns ``(start_batch, step)``.
+    """
+    start = min(-(-batch * saved_world // world), epoch_length)
+    return start, epoch * epoch_length + start

@@ -33,3 +33,12 @@ def make_scheduler(optimizer, total_steps: int, warmup_steps: int):  # type: ign
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
+
+
+def move_to_step(scheduler, step: int) -> None:  # type: ignore[no-untyped-def]
+    """Put a :func:`make_scheduler` schedule at ``step`` optimiser steps taken: the next step
+    uses each group's base LR times the multiplier for ``step`` (resuming with another world
+    size, where the step count of the run changed)."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)

@@ -4,6 +4,11 @@
 any weight downloaded), lists and checks the training images, splits them,
 builds the model, sampler, optimiser and schedule, and restores a checkpoint
 when resuming. The loop (:mod:`clipret.train.loop`) only steps it.
+
+Under torchrun (an active process group, see :mod:`clipret.distributed`) every rank prepares
+the same run: rank 0 checks the images and hands the verdicts to the others, every rank
+builds the model (DDP then copies rank 0's weights), and the sampler gives each rank its own
+batches of the shared epoch plan.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipret import artifacts, runtime
+from clipret import artifacts, distributed, runtime
 from clipret.config import TrainConfig
 from clipret.data.dataset import ImageFolderDataset
 from clipret.data.decode import decode_side_for
@@ -27,11 +32,15 @@ from clipret.data.transforms import AugmentConfig, train_transform
 from clipret.data.validate import check_images
 from clipret.errors import ClipretError
 from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec
+from clipret.train import ddp
+from clipret.train.fast import CompiledForward, apply_memory_paths, uses_channels_last
 from clipret.train.llrd import param_groups
 from clipret.train.losses import CircleObjective
-from clipret.train.schedule import make_scheduler, warmup_steps_for
+from clipret.train.resume import continue_at
+from clipret.train.schedule import make_scheduler, move_to_step, warmup_steps_for
 from clipret.train.split import stratified_split
 from clipret.train.state import restore_rng
+from clipret.train.trace import StepTrace
 
 Event = Callable[[str, dict[str, Any]], None]
 EXCLUDED_NAME = "excluded.json"  # training images left out by the validation pass, with reasons
@@ -66,7 +75,8 @@ class TrainState:
     workers: int
     data: TrainData
     spec: ModelSpec
-    model: nn.Module
+    model: nn.Module  # the RetrievalNet itself: saved, checkpointed, validated
+    forward: Callable[[torch.Tensor], torch.Tensor]  # what a training step calls: model, in DDP, compiled
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -76,6 +86,10 @@ class TrainState:
     p: int
     total_steps: int
     warnings: list[str] = field(default_factory=list)
+    world_size: int = 1  # ranks training together; each step sees p * k * world_size images
+    channels_last: bool = False  # convert input batches to channels-last
+    trace: StepTrace | None = None  # per-step trace (CLIPRET_TRAIN_TRACE), off by default
+    resumed_world_size: int | None = None  # the world size of the checkpoint this run resumed from
     step: int = 0
     start_epoch: int = 0
     start_batch: int = 0
@@ -95,11 +109,20 @@ def probe_spec(cfg: TrainConfig) -> ModelSpec:
 
 
 def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainData:
-    """List ``ROOT/training``, leave out unreadable images, and split train/val."""
+    """List ``ROOT/training``, leave out unreadable images, and split train/val.
+
+    Under torchrun rank 0 checks the images (through the cache of verdicts, as one process
+    does) while the others wait for its verdicts, for as long as that takes.
+    """
     ids, class_of, folder, unusable = training_set(cfg.root)
-    on_event("check", {"total": len(ids)})
-    threads = max(1, runtime.resolve_workers(workers, len(ids)))
-    bad = check_images(folder, ids, workers=threads, on_progress=lambda n: on_event("checked", {"n": n}))
+
+    def check() -> dict[str, str]:
+        on_event("check", {"total": len(ids)})
+        threads = max(1, runtime.resolve_workers(workers, len(ids)))
+        return check_images(folder, ids, workers=threads, on_progress=lambda n: on_event("checked", {"n": n}))
+
+    with distributed.work_group() as group:
+        bad = distributed.from_main(check, group)
     if bad:
         kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
         ids, class_of = [i for i, _ in kept], [c for _, c in kept]
@@ -120,6 +143,7 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
     device = runtime.resolve_device(cfg.device)
     amp = runtime.resolve_amp(cfg.amp, device)
     out = Path(cfg.out)
+    rank, world_size = runtime.rank(), runtime.world_size()
 
     data = load_data(cfg, cfg.workers, on_event)
     if ckpt is not None and ckpt.get("train_ids") not in (None, data.ids_digest()):
@@ -128,12 +152,20 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
     if data.excluded and runtime.is_main():
         artifacts.write_json(out / EXCLUDED_NAME, [{"id": i, "reason": r} for i, r in sorted(data.excluded.items())])
     workers = runtime.resolve_workers(cfg.workers, len(data.train_idx))
+    if cfg.workers is None:  # automatic: the ranks of a node share its CPUs
+        workers = min(workers, runtime.cpus_per_rank())
     p, warn_p = resolve_p(len(np.unique(data.train_labels)), cfg.p)
 
     model = build_encoder(spec) if ckpt is not None else create_encoder(spec)
     model.to(device)
-    sampler = PKBatchSampler(data.train_labels, p, cfg.k, seed=cfg.seed, rank=runtime.rank(),
-                             world_size=runtime.world_size(), with_draws=True)
+    warnings = [w for w in [warn_p] if w]
+    warnings += apply_memory_paths(model, device, grad_checkpointing=cfg.grad_checkpointing,
+                                   channels_last=cfg.channels_last, tf32=cfg.tf32)
+    if rank > 0:  # every rank built the same weights; from here on (dropout) each draws its own numbers
+        runtime.seed_everything(ddp.rank_seed(cfg.seed, rank))
+    trained = ddp.wrap(model, device)
+    forward = CompiledForward(trained, lambda m: on_event("warning", {"message": m})) if cfg.compile else trained
+    sampler = PKBatchSampler(data.train_labels, p, cfg.k, seed=cfg.seed, rank=rank, world_size=world_size, with_draws=True)
     aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
     dataset = ImageFolderDataset(data.folder, [data.ids[i] for i in data.train_idx],
                                  train_transform(spec.preprocess, aug), seed=cfg.seed,
@@ -143,23 +175,41 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = sampler.epoch_length(0) * cfg.epochs
     if total_steps == 0:
-        raise ClipretError(f"no full P×K batch per process fits the training set (P={p}, K={cfg.k}); lower --p or --k")
+        raise ClipretError(f"no full P×K batch per process fits the training set (P={p}, K={cfg.k}, "
+                           f"{world_size} processes); lower --p or --k, or use fewer processes")
     scheduler = make_scheduler(optimizer, total_steps, warmup_steps_for(total_steps, cfg.warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
-    state = TrainState(cfg, out, device, amp, workers, data, spec, model, optimizer, scheduler, scaler, sampler,
-                       dataset, objective, p, total_steps, warnings=[w for w in [warn_p] if w])
+    state = TrainState(cfg, out, device, amp, workers, data, spec, model, forward, optimizer, scheduler, scaler,
+                       sampler, dataset, objective, p, total_steps, warnings=warnings, world_size=world_size,
+                       channels_last=uses_channels_last(model, cfg.channels_last), trace=StepTrace.from_env())
     if ckpt is not None:
         restore(state, ckpt)
     return state
 
 
 def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
-    """Load weights, optimiser, schedule, RNG and progress from a checkpoint."""
+    """Load weights, optimiser, schedule, RNG and progress from a checkpoint.
+
+    A checkpoint of the same world size continues exactly where it stopped, each rank with
+    its own RNG state. One written by another number of ranks continues at the same point of
+    the epoch plan and of the LR schedule (:func:`clipret.train.resume.continue_at`).
+    """
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
-    state.start_epoch, state.start_batch, state.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
     state.best, state.history = dict(ckpt["best"]), list(ckpt["history"])
+    saved_world = int(ckpt.get("world_size", 1))
+    state.resumed_world_size = saved_world
+    state.start_epoch, state.start_batch, state.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+    if saved_world != state.world_size:
+        state.start_batch, state.step = continue_at(ckpt["epoch"], ckpt["batch"], saved_world, state.world_size,
+                                                    state.sampler.epoch_length(ckpt["epoch"]))
+        move_to_step(state.scheduler, state.step)
     state.resumed_losses = list(ckpt.get("epoch_losses", [])) if state.start_batch else []
-    restore_rng(ckpt["rng"])
+    rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    rank = runtime.rank()
+    if rank < len(rngs):
+        restore_rng(rngs[rank])
+    else:  # a rank the saved run did not have: a fresh stream of its own
+        runtime.seed_everything(ddp.rank_seed(state.cfg.seed + state.step, rank))

@@ -1,0 +1,53 @@
+"""End-of-epoch validation across ranks: embed the held-out images in shards, score on rank 0.
+
+Each rank embeds one contiguous block of the held-out ids (in id order, with rank 0's
+BatchNorm statistics, the ones the exported model has); rank 0 gathers the blocks in rank
+order, which is id order, scores leave-one-out retrieval, and hands the scores to every rank,
+so every rank takes the same "best epoch" decision. With one process it is a plain embed
+and score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clipret import distributed, runtime
+from clipret.data.decode import decode_side_for
+from clipret.data.transforms import eval_transform
+from clipret.inference import embed_images
+from clipret.train.ddp import sync_buffers
+from clipret.train.validate import leave_one_out
+
+__all__ = ["contiguous_block", "validate_epoch"]
+
+
+def contiguous_block(n_items: int, world_size: int, rank: int) -> range:
+    """The block of ``range(n_items)`` rank ``rank`` takes: contiguous, in rank order, every item
+    once, lengths differing by at most one (the first ``n_items % world_size`` ranks take one more)."""
+    base, extra = divmod(n_items, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def validate_epoch(state: Any) -> dict[str, float] | None:
+    """``{"val_recall@1", "val_map@r"}`` of the model in ``state`` (a TrainState) on its held-out
+    images, the same dict on every rank; None without held-out images."""
+    data, cfg = state.data, state.cfg
+    if not len(data.val_idx):
+        return None
+    val_ids = [data.ids[i] for i in data.val_idx]
+    block = contiguous_block(len(val_ids), runtime.world_size(), runtime.rank())
+    sync_buffers(state.model)
+    vecs, kept, _ = embed_images(state.model, data.folder, val_ids[block.start:block.stop],
+                                 eval_transform(state.spec.preprocess), batch_size=state.p * cfg.k,
+                                 workers=state.workers, device=state.device, amp=state.amp,
+                                 decode_side=decode_side_for(state.spec.preprocess["size"], cfg.exact_decode))
+    parts = distributed.all_gather_object((vecs, kept))
+    scores = None
+    if runtime.is_main():
+        by_id = dict(zip(data.ids, data.class_of))
+        all_kept = [i for _, ids in parts for i in ids]
+        scores = leave_one_out(np.concatenate([v for v, _ in parts]), [by_id[i] for i in all_kept])
+    return distributed.broadcast_object(scores)
