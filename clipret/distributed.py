@@ -75,8 +75,9 @@ def process_group(device: Any, timeout_s: float | None = None) -> Iterator[bool]
         return
     seconds = float(timeout_s or os.environ.get("CLIPRET_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = backend_for(device)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":  # this rank's GPU: the device's own index, else LOCAL_RANK (as runtime.resolve_device)
+        index = getattr(device, "index", None)
+        torch.cuda.set_device(index if index is not None else runtime.local_rank() % max(1, torch.cuda.device_count()))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     try:
         yield True
