@@ -112,6 +112,18 @@ for epoch, name in [(0, "plain"), (9, "mined")]:
     loss.backward()
     out.update({name + "_loss": loss.detach().numpy(), name + "_grad": emb.grad.numpy(), "world": objective.world_size,
                 name + "_pairs": info.get("mined_pairs", -1)})
+# a step goes ahead only when every rank has a full P×K batch (an image failed to load on rank 1 here)
+from types import SimpleNamespace
+from clipret.train.loop import _usable
+state = SimpleNamespace(world_size=world, p=2, cfg=SimpleNamespace(k=2), step=5, device=torch.device("cpu"))
+full = {"images": torch.zeros(4, 3, 2, 2), "indices": torch.arange(4)}
+short = {"images": torch.zeros(3, 3, 2, 2), "indices": torch.arange(3)}
+warned = []
+out["both_full"] = _usable(state, full, lambda kind, payload: warned.append(payload))
+out["one_short"] = _usable(state, short if rank == 1 else full, lambda kind, payload: warned.append(payload))
+out["one_empty"] = _usable(state, {"images": None, "indices": torch.arange(0)} if rank == 1 else full,
+                           lambda kind, payload: warned.append(payload))
+out["warnings"] = len(warned)
 np.savez(f"{sys.argv[2]}/rank{rank}.npz", **out)
 dist.destroy_process_group()
 """
@@ -119,7 +131,8 @@ dist.destroy_process_group()
 
 def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_path):
     """Each rank's loss is W × the 1-rank loss of the concatenated batch, and its gradient W × the
-    1-rank gradient of its own rows: DDP's average over ranks then gives the 1-rank gradient."""
+    1-rank gradient of its own rows: DDP's average over ranks then gives the 1-rank gradient.
+    (The same launch checks that the ranks skip a step together when one has a short batch.)"""
     import torch
 
     from clipret.train.losses import CircleObjective
@@ -150,6 +163,8 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
             np.testing.assert_allclose(x[name + "_grad"], 2 * grad[x["rows"]], rtol=1e-4, atol=1e-6)
             if name == "mined":
                 assert int(x[name + "_pairs"]) == info["mined_pairs"]  # the miner saw the whole batch
+    for x in ranks:  # every rank skips a step together when one rank's batch is short or empty
+        assert bool(x["both_full"]) and not bool(x["one_short"]) and not bool(x["one_empty"]) and int(x["warnings"]) == 2
 
 
 # ---------------------------------------------------------------------------
