@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from clipret import runtime
-from clipret.errors import ClipretError
+from clipret.errors import ClipretError, first_line
 
 __all__ = ["PeerError", "process_group", "active", "barrier", "all_true", "all_gather_object", "broadcast_object",
-           "backend_for", "from_main", "work_group"]
+           "backend_for", "fail_together", "from_main", "gather", "rank_and_world", "work_group"]
 
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a missing rank before failing
 WAIT_TIMEOUT_S = 24 * 3600  # work_group: a rank may wait this long for another's work
@@ -38,8 +38,18 @@ T = TypeVar("T")
 
 
 class PeerError(ClipretError):
-    """This rank stops because rank 0 failed with this error in :func:`from_main`, and rank 0
-    prints it: the CLI exits non-zero without printing it again."""
+    """This rank stops because another one failed, and that one printed why: rank 0's error
+    from :func:`from_main` or :func:`fail_together`, or a rank that left a collective of a
+    :func:`work_group` (it raised, or was killed). The CLI exits non-zero without printing it again."""
+
+
+@contextlib.contextmanager
+def _peers_lost(what: str) -> Iterator[None]:
+    """A collective that fails because a rank exited (gloo reports a closed connection) becomes :class:`PeerError`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise PeerError(f"another rank stopped while this one {what} ({first_line(exc)})") from exc
 
 
 def backend_for(device: Any) -> str:
@@ -162,15 +172,46 @@ def from_main(fn: Callable[[], T], group: Any = None) -> T:
 
     box: list[Any] = [None]
     error: ClipretError | None = None
-    if dist.get_rank() == 0:
+    if dist.get_rank(group) == 0:
         try:
             box[0] = ("ok", fn())
         except ClipretError as exc:
             error, box[0] = exc, ("error", str(exc))
-    dist.broadcast_object_list(box, src=0, group=group)
+    with _peers_lost("waited for rank 0"):
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     if error is not None:
         raise error
     status, value = box[0]
     if status == "error":
         raise PeerError(value)
     return value
+
+
+def rank_and_world(group: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` within ``group`` (a :func:`work_group`); ``(0, 1)`` for ``None``."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather(obj: Any, group: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order, over ``group`` (``[obj]`` for ``None``).
+    Objects are values clipret made itself (arrays, lists, dicts): they travel between our own ranks only."""
+    if group is None:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size(group)
+    with _peers_lost("gathered results"):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def fail_together(message: str, group: Any) -> None:
+    """Raise ``message`` on every rank: :class:`ClipretError` on rank 0 (which prints it),
+    :class:`PeerError` elsewhere. For a condition every rank checked on the same gathered data."""
+    if rank_and_world(group)[0] == 0:
+        raise ClipretError(message)
+    raise PeerError(message)

@@ -1,14 +1,63 @@
-"""``clipret embed DIR``: write (N, D) embeddings and their manifest."""
+"""``clipret embed DIR``: write (N, D) embeddings and their manifest (on one process, or sharded across torchrun ranks)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, BatchSize, Dba, Device, ExactDecode, Pretrained, Tta, Workers, warn_ignored_pretrained
+from clipret.cli._options import (
+    Amp,
+    Dba,
+    Device,
+    ExactDecode,
+    Pretrained,
+    Tta,
+    Workers,
+    warn_ignored_pretrained,
+)
+
+EmbedBatchSize = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", help="Images per forward pass.", show_default="256 on CUDA, 64 on the CPU"),
+]
+
+
+@contextlib.contextmanager
+def rank_progress(description: str) -> Iterator[Callable[..., None]]:
+    """:func:`_console.progress_bar` on rank 0; a silent ``advance`` on the other torchrun ranks."""
+    from clipret import runtime
+
+    if not runtime.is_main():
+        def advance(n: int = 1, total: int | None = None, **values: Any) -> None:
+            return None
+
+        yield advance
+        return
+    with _console.progress_bar(None, description if runtime.world_size() == 1 else f"{description} (rank 0's share)") as advance:
+        yield advance
+
+
+def progress_start(advance: Callable[..., None], n: int) -> None:
+    """Size the progress bar; with --debug under torchrun, every rank says how many images it embeds."""
+    from clipret import runtime
+
+    advance(0, total=n)
+    if runtime.world_size() > 1 and _console.debug_enabled():
+        _console.info(f"rank {runtime.rank()} of {runtime.world_size()}: {n} image(s) to embed", label="debug:")
+
+
+def _fail(message: str) -> None:
+    """:func:`_console.fail` on rank 0; the other torchrun ranks exit with the same code, silently."""
+    from clipret import runtime
+
+    if not runtime.is_main():
+        raise typer.Exit(2)
+    _console.fail(message)
 
 
 @_console.handle_errors
@@ -17,13 +66,17 @@ def embed_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A run folder from `clipret train`, or an open_clip model name/config for zero-shot CLIP.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy; a .json manifest is written beside it.")] = Path("embeddings.npy"),
     pretrained: Pretrained = None,
-    batch_size: BatchSize = 64,
+    batch_size: EmbedBatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail (exit 2, nothing written) if any image cannot be read.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: re-embed only the shards not yet written.")] = False,
-    shard_size: Annotated[int, typer.Option(help="Images per progress shard (OUT.parts/), the unit --resume skips.")] = 8192,
+    shard_size: Annotated[
+        Optional[int],
+        typer.Option(help="Images per progress shard (OUT.parts/): the unit --resume skips and torchrun ranks share. "
+                     "Default: about 1/256 of the images, 256 to 8192 (on --resume: the interrupted run's).", show_default="auto"),
+    ] = None,
     tta: Tta = None,
     exact_decode: ExactDecode = False,
     dba: Dba = 0,
@@ -40,20 +93,36 @@ def embed_command(
 
     \b
       clipret embed ./data/test/gallery --model ViT-B-32 --pretrained openai --out g0.npy
+
+    On several GPUs or nodes, the same command under torchrun: each rank embeds its own
+    shards, rank 0 merges them (OUT must be on a file system every node shares):
+
+    \b
+      torchrun --nproc_per_node 8 -m clipret embed ./gallery --model runs/exp1 --out gallery.npy
     """
+    from clipret import runtime
     from clipret.inference import embed_folder
+    from clipret.distributed import PeerError
 
     if out.suffix != ".npy":
-        _console.fail(f"--out must end in .npy, got {out}")
-    if shard_size <= 0:
-        _console.fail(f"--shard-size must be positive, got {shard_size}")
+        _fail(f"--out must end in .npy, got {out}")
+    if shard_size is not None and shard_size <= 0:
+        _fail(f"--shard-size must be positive, got {shard_size}")
+    if batch_size is not None and batch_size <= 0:
+        _fail(f"--batch-size must be positive, got {batch_size}")
     if dba < 0:
-        _console.fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
-    warn_ignored_pretrained(model, pretrained)
-    with _console.progress_bar(None, "embed") as advance:
-        emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
-                           workers=workers, device=device, amp=amp, strict=strict, tta=tta, exact_decode=exact_decode, dba=dba,
-                           on_start=lambda n: advance(0, total=n), on_batch=advance)
+        _fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
+    if runtime.is_main():
+        warn_ignored_pretrained(model, pretrained)
+    try:
+        with rank_progress("embed") as advance:
+            emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
+                               workers=workers, device=device, amp=amp, strict=strict, tta=tta, exact_decode=exact_decode,
+                               dba=dba, on_start=lambda n: progress_start(advance, n), on_batch=advance)
+    except PeerError:  # another rank failed and printed why
+        raise typer.Exit(2) from None
+    if not runtime.is_main():
+        return
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
     _console.report_unreadable(emb.skipped)
 

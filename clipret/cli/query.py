@@ -12,7 +12,6 @@ from clipret.cli._options import (
     K1,
     K2,
     Amp,
-    BatchSize,
     Dba,
     Device,
     EfSearch,
@@ -28,6 +27,7 @@ from clipret.cli._options import (
     Workers,
     warn_ignored_pretrained,
 )
+from clipret.cli.embed import EmbedBatchSize, progress_start, rank_progress
 
 
 @_console.handle_errors
@@ -50,7 +50,7 @@ def query_command(
     lam: Lam = 0.1,
     nprobe: Nprobe = None,
     ef_search: EfSearch = None,
-    batch_size: BatchSize = 64,
+    batch_size: EmbedBatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
@@ -74,7 +74,7 @@ def query_command(
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --tta flip --rerank --qe 3
       clipret query q.npy --gallery gallery.faiss --nprobe 32 --k 100
     """
-    from clipret import artifacts
+    from clipret import artifacts, runtime
     from clipret.retrieval.compat import check_compatible, describe
     from clipret.retrieval.gallery import open_gallery
     from clipret.retrieval.pipeline import Stages
@@ -82,16 +82,25 @@ def query_command(
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
     stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
-    gal = open_gallery(gallery, nprobe=nprobe, ef_search=ef_search)
+    if not runtime.is_main() and not query.is_dir():
+        return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks
+    gal = open_gallery(gallery, nprobe=nprobe, ef_search=ef_search) if runtime.is_main() else None
     if query.is_dir():
         if model is None:
             _console.fail("a query folder needs --model (the model the gallery was embedded with)")
-        warn_ignored_pretrained(model, pretrained)
+        if runtime.is_main():
+            warn_ignored_pretrained(model, pretrained)
         from clipret.inference import embed_folder
+        from clipret.distributed import PeerError
 
-        with _console.progress_bar(None, "embed queries") as advance:
-            q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp,
-                             strict=strict, tta=tta, exact_decode=exact_decode, on_start=lambda n: advance(0, total=n), on_batch=advance)
+        try:  # under torchrun every rank embeds its share of the queries; rank 0 gets them all
+            with rank_progress("embed queries") as advance:
+                q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp, strict=strict,
+                                 tta=tta, exact_decode=exact_decode, on_start=lambda n: progress_start(advance, n), on_batch=advance)
+        except PeerError:  # another rank failed and printed why
+            raise typer.Exit(2) from None
+        if not runtime.is_main():
+            return
         _console.report_unreadable(q.skipped)
     else:
         if tta is not None:

@@ -1,0 +1,157 @@
+"""The body of :func:`clipret.inference.embed_folder`: plan the shards, embed this rank's, merge.
+
+Every rank runs :func:`run` with the same arguments. With one process the collectives are
+local, and this is the plain single-process embedding.
+
+1. Rank 0 lists the folder (and, with ``out``, prepares ``OUT.parts/``); the others get its
+   ids, or stop with its error.
+2. With ``--resume``, each rank checks a contiguous block of the shard files; the finished
+   shards are gathered, and the shards still to do are split into contiguous blocks, one per
+   rank (so a resumed run with any world size shares the remaining work evenly).
+3. Each rank embeds its block, writing one shard file per shard (with ``out``).
+4. Rank 0 merges every shard in id order: from its own memory, or from the files (with
+   ``out``), or from the gathered arrays (without ``out``, on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipret import artifacts, distributed, runtime
+from clipret.artifacts import Embeddings
+from clipret.data.decode import decode_side_for
+from clipret.embed_parts import load_shard, prepare_parts, reusable_shard, shard_path
+from clipret.errors import ClipretError
+from clipret.sharding import shard_bounds, split_contiguous
+from clipret.tta import tta_transform
+
+
+def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | None, shard_size: int | None, resume: bool,
+        batch_size: int, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None, dba: int,
+        exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
+        group: Any) -> Embeddings:
+    """See :func:`clipret.inference.embed_folder`; ``group`` is :func:`clipret.distributed.work_group`'s."""
+    from clipret.data.layout import scan_images
+    from clipret.inference import embed_shards
+    from clipret.model.build import open_encoder
+
+    rank, world = distributed.rank_and_world(group)
+
+    def listing() -> tuple[list[str], list[dict[str, str]]]:
+        ids, unlisted = scan_images(folder)
+        if strict and unlisted:
+            raise ClipretError(f"{len(unlisted)} image(s) cannot be used (first: {unlisted[0]['id']}: "
+                               f"{unlisted[0]['reason']}); nothing written (--strict)")
+        return ids, unlisted
+
+    ids, unlisted = distributed.from_main(listing, group)
+    encoder, spec, fingerprint = open_encoder(model, pretrained)
+    if len(set(distributed.gather(fingerprint, group))) > 1:
+        distributed.fail_together(f"the ranks opened different models for {model} (different files on different nodes?); "
+                                "give every node the same model folder and weights", group)
+
+    parts: Path | None = None
+    if out is not None:
+        def prepare() -> tuple[Path, int]:
+            # the shards in OUT.parts/ and the merged file exist side by side for a moment
+            artifacts.ensure_free_space(out, 2 * len(ids) * int(encoder.embed_dim) * 4 + (1 << 20), "the embeddings")
+            return prepare_parts(out, ids, fingerprint, shard_size, resume, tta)
+
+        parts, size = distributed.from_main(prepare, group)
+    else:  # nothing to resume: one contiguous block of ids per rank
+        size = max(1, -(-len(ids) // world))
+    bounds = shard_bounds(len(ids), size)
+
+    have: dict[int, Embeddings] = {}  # shards this rank holds in memory
+    done: set[int] = set()
+    if parts is not None and resume:
+        for n in split_contiguous(len(bounds), world, rank):
+            shard = reusable_shard(shard_path(parts, n), ids[slice(*bounds[n])], fingerprint)
+            if shard is not None:
+                have[n] = shard
+        done = {n for ns in distributed.gather(sorted(have), group) for n in ns}
+    pending = [n for n in range(len(bounds)) if n not in done]
+    mine = [pending[i] for i in split_contiguous(len(pending), world, rank)]
+    n_mine = sum(bounds[n][1] - bounds[n][0] for n in mine)
+    reused = sum(len(e) + len(e.skipped) for e in have.values()) if world == 1 else 0
+    if on_start is not None:
+        on_start(n_mine + reused)
+    if on_batch is not None and reused:
+        on_batch(reused)
+
+    def fail_strict(skipped: list[dict[str, str]]) -> None:
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
+        first = skipped[0]
+        raise ClipretError(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
+                           "nothing written (--strict)")
+
+    results = embed_shards(encoder, folder, ids, [bounds[n] for n in mine], tta_transform(spec.preprocess, tta),
+                           batch_size=batch_size, workers=_loader_workers(workers, n_mine), device=device,
+                           amp=runtime.resolve_amp(amp, device), decode_side=decode_side_for(spec.preprocess["size"], exact_decode),
+                           on_batch=on_batch)
+    for n, (vectors, kept, skipped) in zip(mine, results):
+        if strict and skipped:
+            fail_strict(skipped)
+        if parts is not None:
+            if not parts.is_dir():  # another rank failed --strict and removed it: do not recreate it
+                raise distributed.PeerError(f"another rank stopped and removed {parts}")
+            artifacts.save_embeddings(shard_path(parts, n), vectors, kept, fingerprint=fingerprint, skipped=skipped)
+        have[n] = Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped)
+
+    flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
+             "tta": tta, "dba": dba or None, "exact_decode": bool(exact_decode)}
+    if parts is not None:
+        owners = distributed.gather(mine, group)  # also: every rank's shard files are written
+        if rank != 0:
+            own = [have[n] for n in mine]
+            return _join(own, fingerprint, {**flags, "dba": None}, [s for e in own for s in e.skipped])
+        writer = {n: f"rank {r}" for r, ns in enumerate(owners) for n in ns}
+        shards = [have.pop(n) if n in have else load_shard(parts, n, ids[slice(*bounds[n])], fingerprint, writer.get(n, "an earlier run"))
+                  for n in range(len(bounds))]
+    else:
+        gathered = {n: e for got in distributed.gather(have, group) for n, e in got.items()}
+        shards = [gathered[n] for n in range(len(bounds))]
+
+    skipped = sorted(unlisted + [s for e in shards for s in e.skipped], key=lambda s: s["id"])
+    if strict and skipped:
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
+        first = skipped[0]
+        distributed.fail_together(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
+                                "nothing written (--strict)", group)
+    result = _join(shards, fingerprint, flags, skipped)
+    if not len(result):
+        distributed.fail_together(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: "
+                                f"{skipped[0]['reason']})", group)
+    if dba:
+        from clipret.retrieval.pipeline import apply_dba
+
+        result.vectors = apply_dba(result.vectors, dba)
+    if out is not None and rank == 0:
+        artifacts.save_embeddings(out, result.vectors, result.ids, fingerprint=fingerprint, flags=flags, skipped=skipped)
+        shutil.rmtree(parts, ignore_errors=True)  # type: ignore[arg-type]
+        result.path = out
+    return result
+
+
+def _join(shards: list[Embeddings], fingerprint: str, flags: dict[str, Any], skipped: list[dict[str, str]]) -> Embeddings:
+    """Shards in order as one :class:`Embeddings` (rows and ids concatenated)."""
+    dim = shards[0].dim if shards else 0
+    vectors = np.concatenate([np.asarray(e.vectors) for e in shards]) if shards else np.zeros((0, dim), np.float32)
+    return Embeddings(vectors, [i for e in shards for i in e.ids], fingerprint=fingerprint, flags=flags, skipped=skipped)
+
+
+def _loader_workers(workers: int | None, n_images: int) -> int:
+    """``--workers`` as given, else the automatic choice, shared among the ranks on this node."""
+    chosen = runtime.resolve_workers(workers, n_images)
+    if workers is not None:
+        return chosen
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(chosen, max(1, runtime.available_cpus() // local_ranks))

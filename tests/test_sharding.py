@@ -1,0 +1,139 @@
+"""The shard plan (clipret.sharding) against plain loops, and the shard-wise embedding it drives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipret.sharding import auto_shard_size, shard_batches, shard_bounds, split_contiguous
+from conftest import TINY_VIT
+
+# --- slow, obvious references ------------------------------------------------
+
+
+def ref_shard_of_each_id(n_ids, shard_size):
+    """The shard number of every id: ids are dealt out shard_size at a time, in order."""
+    owner, shard, used = [], 0, 0
+    for _ in range(n_ids):
+        if used == shard_size:
+            shard, used = shard + 1, 0
+        owner.append(shard)
+        used += 1
+    return owner
+
+
+def ref_deal(n_items, world):
+    """Items dealt to ranks in order: each rank takes floor(n/world) items, the first n % world ranks one more."""
+    blocks, item = [], 0
+    for rank in range(world):
+        take = n_items // world + (1 if rank < n_items % world else 0)
+        block = []
+        for _ in range(take):
+            block.append(item)
+            item += 1
+        blocks.append(block)
+    return blocks
+
+
+# --- the plan ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_ids, shard_size", [(0, 4), (1, 4), (16, 4), (17, 4), (5, 100), (1000, 256)])
+def test_shard_bounds_match_dealing_ids_in_order(n_ids, shard_size):
+    owner = ref_shard_of_each_id(n_ids, shard_size)
+    from_bounds = [n for n, (start, stop) in enumerate(shard_bounds(n_ids, shard_size)) for _ in range(start, stop)]
+    assert from_bounds == owner
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 2, 3, 7, 16, 100])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_split_contiguous_deals_blocks_in_rank_order(n_items, world):
+    assert [list(split_contiguous(n_items, world, r)) for r in range(world)] == ref_deal(n_items, world)
+
+
+def test_split_contiguous_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError):
+        split_contiguous(4, 2, 2)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 64])
+def test_batches_restart_at_every_shard_and_do_not_depend_on_the_other_shards(batch_size):
+    bounds = shard_bounds(23, 5)
+    batches = shard_batches(bounds, batch_size)
+    expected = []
+    for start, stop in bounds:  # each shard on its own, cut from its own start
+        ids = list(range(start, stop))
+        expected += [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    assert batches == expected
+    # any subset of shards (what one rank takes) is batched exactly as in the whole plan
+    subset = [bounds[1], bounds[3]]
+    assert shard_batches(subset, batch_size) == [b for b in batches if bounds[1][0] <= b[0] < bounds[1][1] or bounds[3][0] <= b[0] < bounds[3][1]]
+
+
+@pytest.mark.parametrize("n_ids", [1, 255, 256, 1000, 65_536, 100_000, 1_000_000, 10_000_000])
+def test_auto_shard_size_is_a_multiple_of_256_within_bounds_near_n_over_256(n_ids):
+    size = auto_shard_size(n_ids)
+    assert size % 256 == 0 and 256 <= size <= 8192
+    want = n_ids / 256
+    if 256 < want < 8192 - 256:
+        assert want <= size < want + 256
+    elif want >= 8192:
+        assert size == 8192
+    else:
+        assert size == 256
+
+
+def test_plan_does_not_depend_on_the_world_size():
+    """Every world size splits the same shards: the union of rank blocks is always the full list, in order."""
+    bounds = shard_bounds(1000, auto_shard_size(1000))
+    for world in (1, 2, 3, 8):
+        taken = [bounds[i] for r in range(world) for i in split_contiguous(len(bounds), world, r)]
+        assert taken == bounds
+
+
+# --- embedding shard by shard ------------------------------------------------
+
+
+def _images(folder, n):
+    rng = np.random.default_rng(0)
+    ids = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        ids.append(f"{i:02d}.png")
+    (folder / "99.png").write_bytes(b"not an image")
+    return ids + ["99.png"]
+
+
+def test_embed_shards_equals_embed_images_on_each_shard(tmp_path):
+    from clipret.inference import embed_images, embed_shards
+    from clipret.model.build import open_encoder
+    from clipret.tta import tta_transform
+
+    ids = _images(tmp_path, 10)
+    encoder, spec, _ = open_encoder(str(TINY_VIT), "none")
+    transform = tta_transform(spec.preprocess, None)
+    bounds = [(0, 4), (4, 4), (4, 9), (9, 11)]  # an empty shard too; the last holds the bad file
+    got = list(embed_shards(encoder, tmp_path, ids, bounds, transform, batch_size=3, device="cpu"))
+    assert len(got) == len(bounds)
+    for (start, stop), (vectors, kept, skipped) in zip(bounds, got):
+        want_v, want_kept, want_skipped = embed_images(encoder, tmp_path, ids[start:stop], transform, batch_size=3)
+        assert kept == want_kept and skipped == want_skipped
+        assert vectors.dtype == np.float32 and vectors.shape == (len(kept), encoder.embed_dim)
+        np.testing.assert_array_equal(vectors, want_v)
+    assert [s["id"] for s in got[3][2]] == ["99.png"]
+
+
+def test_resume_takes_the_interrupted_runs_shard_size(tmp_path):
+    from clipret.embed_parts import prepare_parts
+    from clipret.errors import ClipretError
+
+    out, ids = tmp_path / "x.npy", [f"{i}.png" for i in range(40)]
+    parts, size = prepare_parts(out, ids, "fp", 7, resume=False, tta=None)
+    assert size == 7 and parts.is_dir()
+    assert prepare_parts(out, ids, "fp", None, resume=True, tta=None) == (parts, 7)
+    with pytest.raises(ClipretError, match="--shard-size"):
+        prepare_parts(out, ids, "fp", 8, resume=True, tta=None)
+    with pytest.raises(ClipretError, match="another model"):
+        prepare_parts(out, ids, "other", None, resume=True, tta=None)
+    assert prepare_parts(out, ids, "fp", None, resume=False, tta=None) == (parts, auto_shard_size(40))
