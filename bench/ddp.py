@@ -87,14 +87,14 @@ def bn_effect(model: str, args: argparse.Namespace) -> dict[str, float]:
     import torch.nn.functional as F
 
     from clipret.model.build import build_encoder, make_spec
-    from clipret.train.losses import CircleObjective
+    from clipret.train.losses import Objective
 
     torch.manual_seed(0)
     net = build_encoder(make_spec(model, "none", image_size=args.image_size, dropout=0.0)).train()
     n = args.p * args.k
     images = torch.randn(2 * n, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(2 * args.p).repeat_interleave(args.k) % (args.p + args.p // 2)  # some classes on both halves
-    objective = CircleObjective(mine_from_epoch=1)
+    objective = Objective(mine_from_epoch=1)
     bn = net.head.bn
     plain_forward = bn.forward
 

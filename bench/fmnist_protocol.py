@@ -4,7 +4,9 @@ Two protocols (``PROTOCOLS``):
 
 - **closed**: train on the training split of all 10 classes; query and gallery
   are disjoint images of the same 10 classes from the test split;
-- **open**: train on classes 0-5; query and gallery come from classes 6-9 only.
+- **open**: train on classes 0-5; query and gallery come from classes 6-9 only;
+- **finetune**: train on classes 6-9 (the open set's held-out classes), query and gallery as in
+  *open*: for fine-tuning a model trained on *open* (bench/recipe.py's fine-tuning proxy).
 
 The query and gallery images of a class are the same in both protocols for the
 same seed (see :func:`fashion_mnist.export_fashion_mnist`). A seed picks the
@@ -44,6 +46,7 @@ CONFIG = BENCH / "configs" / "fmnist-vit.json"
 PROTOCOLS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "closed": (tuple(range(10)), tuple(range(10))),
     "open": (tuple(range(6)), tuple(range(6, 10))),
+    "finetune": (tuple(range(6, 10)), tuple(range(6, 10))),  # the open set's held-out classes, trained on
 }
 # TrainConfig fields that say where or how a run executes, not what it computes: not part of a run's key.
 _NOT_KEYED = {"root", "out", "workers", "device", "amp", "save_every"}

@@ -2,7 +2,7 @@
 
 For each model and variant it builds ``build_encoder(make_spec(M, "none"))``
 (random weights), the AdamW param groups of ``clipret.train.llrd.param_groups``
-(fused on CUDA, as ``clipret train``), ``clipret.train.losses.CircleObjective``
+(fused on CUDA, as ``clipret train``), ``clipret.train.losses.Objective``
 with its miner on, and a fixed synthetic P×K batch already on the device (no
 image decoding: the point is the step). Then it times, with a CUDA
 synchronisation around each timed part:
@@ -113,7 +113,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace) -> dict
 
     from clipret.model.build import build_encoder, make_spec
     from clipret.train.llrd import param_groups
-    from clipret.train.losses import CircleObjective
+    from clipret.train.losses import Objective
 
     flags = parse_variant(variant)
     device = torch.device(args.device)
@@ -142,7 +142,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace) -> dict
                            "checkpointed": checkpointed_blocks(net, images)}
         groups = param_groups(net, 4e-4, 0.05, 0.65, 10.0)
         opt = torch.optim.AdamW(groups, lr=4e-4, weight_decay=0.05, fused=cuda)
-        objective = CircleObjective(mine_from_epoch=1)
+        objective = Objective(mine_from_epoch=1)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in flags else nullcontext
         if cuda:
             torch.cuda.empty_cache()

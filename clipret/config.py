@@ -20,6 +20,7 @@ from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
 __all__ = ["AMPS", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
 
 AMPS = ("auto", "bf16", "fp16", "none")
+LOSSES = ("circle", "multisimilarity", "arcface")  # clipret.train.losses.Objective
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.
 RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every", "grad_checkpointing", "channels_last",
@@ -37,8 +38,10 @@ class TrainConfig:
     gem_input: str = "clamp"
     embed_dim: int = 512
     dropout: float = 0.1
+    head_bn: bool = True
     image_size: int | None = None
     # loss, miner, sampler
+    loss: str = "circle"
     circle_m: float = 0.4
     circle_gamma: float = 80.0
     miner_epsilon: float = 0.1
@@ -53,12 +56,13 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     warmup: float = 0.15
     grad_clip: float = 1.0
-    # augmentation
-    aug_crop: bool = True
+    # augmentation; None: chosen from the input size and the images (clipret.data.transforms.resolve_augmentation)
+    aug_crop: bool | None = None
+    aug_crop_scale: float | None = None
     aug_flip: bool = True
-    aug_color_jitter: float = 0.2
-    aug_grayscale: float = 0.1
-    aug_erasing: float = 0.25
+    aug_color_jitter: float | None = None
+    aug_grayscale: float | None = None
+    aug_erasing: float | None = None
     # run
     amp: str = "auto"
     val_split: float = 0.1
@@ -105,6 +109,11 @@ class TrainConfig:
             (self.seed >= 0, "--seed must be non-negative"),
             (self.pool in POOLS, f"unknown --pool {self.pool!r}; use {', '.join(POOLS)}"),
             (self.gem_input in GEM_INPUTS, f"unknown --gem-input {self.gem_input!r}; use {', '.join(GEM_INPUTS)}"),
+            (self.loss in LOSSES, f"unknown --loss {self.loss!r}; use {', '.join(LOSSES)}"),
+            (self.aug_crop_scale is None or 0 < self.aug_crop_scale <= 1, "--aug-crop-scale must be in (0, 1]"),
+            (self.aug_color_jitter is None or self.aug_color_jitter >= 0, "--aug-color-jitter must be non-negative"),
+            (self.aug_grayscale is None or 0 <= self.aug_grayscale <= 1, "--aug-grayscale must be in [0, 1]"),
+            (self.aug_erasing is None or 0 <= self.aug_erasing <= 1, "--aug-erasing must be in [0, 1]"),
             (self.amp in AMPS, f"unknown --amp {self.amp!r}; use {', '.join(AMPS)}"),
             (bool(_DEVICE.match(self.device)), f"unknown --device {self.device!r}; use auto, cpu, cuda or cuda:N"),
         ]

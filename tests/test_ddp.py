@@ -98,7 +98,7 @@ def test_one_model_folder_written_and_one_rank_reports(ddp_run):
 LOSS_SCRIPT = """
 import sys
 import numpy as np, torch, torch.distributed as dist
-from clipret.train.losses import CircleObjective
+from clipret.train.losses import Objective
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -106,7 +106,7 @@ data = np.load(sys.argv[1])
 rows = np.array_split(np.arange(len(data["labels"])), world)[rank]
 out = {"rows": rows}
 for epoch, name in [(0, "plain"), (9, "mined")]:
-    objective = CircleObjective(mine_from_epoch=5)
+    objective = Objective(mine_from_epoch=5)
     emb = torch.from_numpy(data["emb"][rows]).requires_grad_(True)
     loss, info = objective(emb, torch.from_numpy(data["labels"][rows]), epoch)
     loss.backward()
@@ -135,7 +135,7 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
     (The same launch checks that the ranks skip a step together when one has a short batch.)"""
     import torch
 
-    from clipret.train.losses import CircleObjective
+    from clipret.train.losses import Objective
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(16, 8)).astype(np.float32)
@@ -149,7 +149,7 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
     ranks = [np.load(tmp_path / f"rank{i}.npz") for i in (0, 1)]
     assert sorted(np.concatenate([x["rows"] for x in ranks]).tolist()) == list(range(16))
     for epoch, name in [(0, "plain"), (9, "mined")]:
-        single = CircleObjective(mine_from_epoch=5)
+        single = Objective(mine_from_epoch=5)
         assert single.world_size == 1
         full = torch.from_numpy(emb).requires_grad_(True)
         loss, info = single(full, torch.from_numpy(labels), epoch)

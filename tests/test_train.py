@@ -226,7 +226,7 @@ def spied_run(tiny_dataset, tmp_path_factory):
             log.append(("miner", {}))
             return self.inner(emb, labels)
 
-    original_init = losses.CircleObjective.__init__
+    original_init = losses.Objective.__init__
 
     def spied_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -237,7 +237,7 @@ def spied_run(tiny_dataset, tmp_path_factory):
                       epochs=2, p=3, k=2, device="cpu", val_split=0.25, mine_from_epoch=2, warmup=0.3, seed=1)
     assert cfg.workers is None  # automatic
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(losses.CircleObjective, "__init__", spied_init)
+        mp.setattr(losses.Objective, "__init__", spied_init)
         summary = train(cfg, on_event=lambda kind, payload: log.append((kind, payload)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return cfg, out, log, rows, summary

@@ -12,7 +12,7 @@ import typer
 
 from clipret.cli import _console
 from clipret.cli._options import Amp, Device, ExactDecode, Model, Pretrained, Seed, Workers
-from clipret.config import GEM_INPUTS, POOLS
+from clipret.config import GEM_INPUTS, LOSSES, POOLS
 
 _HELP = """Fine-tune an OpenCLIP backbone on ROOT/training/<class>/* for retrieval.
 
@@ -38,6 +38,7 @@ optimiser step sees P×K images per GPU, and --lr is used as given):
 
 Pool = enum.Enum("Pool", {v: v for v in POOLS}, type=str)  # type: ignore[misc]
 GemInput = enum.Enum("GemInput", {v: v for v in GEM_INPUTS}, type=str)  # type: ignore[misc]
+Loss = enum.Enum("Loss", {v: v for v in LOSSES}, type=str)  # type: ignore[misc]
 _NOT_SETTINGS = {"ctx", "resume", "overwrite", "config"}
 
 
@@ -73,6 +74,7 @@ def train_command(
              "on random-init tiny ViTs (docs/gem.md); CNN towers always clamp.")] = GemInput.clamp,
     embed_dim: Annotated[int, typer.Option(help="Output embedding size (the head's width).")] = 512,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.1,
+    head_bn: Annotated[bool, typer.Option(help="BatchNorm1d in the head, after its linear layer.")] = True,
     image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the model's own.")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs; an epoch is about one pass over the training images.")] = 15,
     p: Annotated[int, typer.Option("--p", "--classes-per-batch", help=(
@@ -85,15 +87,27 @@ def train_command(
     head_lr_mult: Annotated[float, typer.Option(help="LR multiplier for the head and pooling.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Warmup: fraction of all steps (or a step count if >= 1).")] = 0.15,
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,
+    loss: Annotated[Loss, typer.Option(
+        help="Metric loss (pytorch-metric-learning): circle, multisimilarity, or arcface (class proxies; no miner).")] = Loss.circle,
     circle_m: Annotated[float, typer.Option(help="Circle loss relaxation margin m.")] = 0.4,
     circle_gamma: Annotated[float, typer.Option(help="Circle loss scale gamma.")] = 80.0,
     miner_epsilon: Annotated[float, typer.Option(help="MultiSimilarity miner margin epsilon.")] = 0.1,
     mine_from_epoch: Annotated[int, typer.Option(help="Epoch (1-based) from which the MultiSimilarity miner is on.")] = 5,
-    aug_crop: Annotated[bool, typer.Option(help="Random resized crop (scale 0.5-1); off: resize and centre crop.")] = True,
+    aug_crop: Annotated[Optional[bool], typer.Option(
+        help="Random resized crop; off: resize and centre crop.", show_default="on")] = None,
+    aug_crop_scale: Annotated[Optional[float], typer.Option(
+        help="Smallest crop area (fraction of the image). Default: 0.5 for inputs of 128 px and more, 0.8 below.",
+        show_default="auto")] = None,
     aug_flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
-    aug_color_jitter: Annotated[float, typer.Option(help="Colour jitter strength; 0 turns it off.")] = 0.2,
-    aug_grayscale: Annotated[float, typer.Option(help="Random grayscale probability; 0 turns it off.")] = 0.1,
-    aug_erasing: Annotated[float, typer.Option(help="Random erasing probability; 0 turns it off.")] = 0.25,
+    aug_color_jitter: Annotated[Optional[float], typer.Option(
+        help="Colour jitter strength; 0 turns it off. Default: 0.2, or 0 when the training images are gray.",
+        show_default="auto")] = None,
+    aug_grayscale: Annotated[Optional[float], typer.Option(
+        help="Random grayscale probability; 0 turns it off. Default: 0.1, or 0 when the training images are gray.",
+        show_default="auto")] = None,
+    aug_erasing: Annotated[Optional[float], typer.Option(
+        help="Random erasing probability; 0 turns it off. Default: 0.25 for inputs of 128 px and more, 0 below.",
+        show_default="auto")] = None,
     amp: Amp = "auto",
     val_split: Annotated[float, typer.Option(help="Validation fraction, stratified per class; 0 turns validation off.")] = 0.1,
     workers: Workers = None,
@@ -215,6 +229,9 @@ def _run_with_progress(start: Any) -> None:
         elif kind == "epoch":
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
             _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
+        elif kind == "baseline":
+            _console.info(f"before training (the starting weights): val R@1 {payload['val_recall@1']:.3f}, "
+                          f"MAP@R {payload['val_map@r']:.3f}")
         elif kind == "warning":
             _console.warn(payload["message"])
 

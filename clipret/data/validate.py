@@ -88,3 +88,26 @@ def check_images(
         except OSError:
             pass  # a read-only cache location must not stop training
     return {i: r for i, r in verdicts.items() if r}
+
+
+GRAY_SAMPLE = 64  # images looked at by all_gray
+
+
+def all_gray(folder: str | os.PathLike[str], ids: Sequence[str], *, sample: int = GRAY_SAMPLE, seed: int = 0) -> bool:
+    """Whether the images are gray: every one of ``sample`` of them (drawn with ``seed``) has
+    equal R, G and B everywhere. Unreadable images are passed over; none readable is False."""
+    import numpy as np
+
+    if not ids:
+        return False
+    picks = np.random.default_rng(seed).choice(len(ids), size=min(sample, len(ids)), replace=False)
+    seen = 0
+    for i in sorted(picks.tolist()):
+        image, _ = load_rgb(Path(folder) / ids[i], min_side=64)
+        if image is None:
+            continue
+        rgb = np.asarray(image)
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            return False
+        seen += 1
+    return seen > 0

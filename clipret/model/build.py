@@ -16,7 +16,7 @@ from torch import nn
 
 from clipret import artifacts
 from clipret.errors import ClipretError
-from clipret.model import _open_clip, backbone
+from clipret.model import _open_clip, backbone, warm_start
 from clipret.model.choices import GEM_INPUTS, POOLS
 from clipret.model.net import ClipImageEncoder, RetrievalNet
 from clipret.model.tower import TokenTower
@@ -36,6 +36,7 @@ class ModelSpec:
     gem_input: str = "clamp"
     embed_dim: int = 512
     dropout: float = 0.1
+    head_bn: bool = True  # BatchNorm1d in the head (runs saved before the switch have it)
     image_size: int | None = None
     preprocess: dict[str, Any] = field(default_factory=dict)
     pretrained: str = "none"
@@ -57,6 +58,7 @@ def make_spec(
     gem_input: str = "clamp",
     embed_dim: int = 512,
     dropout: float = 0.1,
+    head_bn: bool = True,
     image_size: int | None = None,
 ) -> ModelSpec:
     """Resolve ``--model``/``--pretrained`` into a spec (no weights are read yet).
@@ -69,6 +71,19 @@ def make_spec(
     check_pool(pool, gem_input)
     name, cfg = backbone.clip_config_for(model)
     check_pool_fits_tower(pool, cfg, name)
+    run = warm_start.run_source(pretrained)
+    if run is not None:  # a clipret run: its tower (and head, where it fits) start the new one
+        saved = warm_start.run_model_spec(run)
+        if cfg.get("vision_cfg") != saved["clip_config"].get("vision_cfg"):
+            raise ClipretError(f"--pretrained {run} was trained from {saved['backbone']}, not {name}; "
+                               f"pass --model {saved['backbone']}")
+        size = image_size if image_size is not None else saved.get("image_size")
+        if size != saved.get("image_size"):
+            raise ClipretError(f"--pretrained {run} was trained at --image-size {saved.get('image_size') or 'default'}; "
+                               "starting from a run at another input size is not supported")
+        return ModelSpec(backbone=name, clip_config=cfg, quick_gelu=bool(saved.get("quick_gelu")), pool=pool,
+                         gem_input=gem_input, embed_dim=embed_dim, dropout=dropout, head_bn=head_bn, image_size=size,
+                         preprocess=dict(saved["preprocess"]), pretrained=str(run))
     if pretrained is None:
         pretrained = backbone.default_tag(name)
     tag_cfg = backbone.tag_config(name, pretrained)
@@ -81,6 +96,7 @@ def make_spec(
         gem_input=gem_input,
         embed_dim=embed_dim,
         dropout=dropout,
+        head_bn=head_bn,
         image_size=image_size,
         preprocess=backbone.preprocess_for(cfg, tag_cfg, image_size),
         pretrained=pretrained,
@@ -111,8 +127,14 @@ def build_encoder(spec: ModelSpec) -> nn.Module:
     return _assemble(spec, backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size))
 
 
-def create_encoder(spec: ModelSpec) -> nn.Module:
-    """Build the encoder and load the backbone's pretrained weights (download if a tag)."""
+def create_encoder(spec: ModelSpec, notes: list[str] | None = None) -> nn.Module:
+    """Build the encoder and load the backbone's pretrained weights (download if a tag), or a
+    clipret run's weights (:mod:`clipret.model.warm_start`; what starts fresh is appended to ``notes``)."""
+    run = warm_start.run_source(spec.pretrained) if spec.pool != "clip" else None
+    if run is not None:
+        encoder = build_encoder(spec)
+        (notes if notes is not None else []).extend(warm_start.load_run_weights(encoder, run))
+        return encoder
     path = backbone.fetch_weights(spec.backbone, spec.pretrained)
     visual = backbone.build_visual(spec.clip_config, spec.quick_gelu, spec.image_size)
     encoder = _assemble(spec, visual)
@@ -126,7 +148,7 @@ def _assemble(spec: ModelSpec, visual: nn.Module) -> nn.Module:
     """The encoder ``spec`` describes, around an already built image tower."""
     if spec.pool == "clip":
         return ClipImageEncoder(visual)
-    return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input)
+    return RetrievalNet(TokenTower(visual), spec.pool, spec.embed_dim, spec.dropout, spec.gem_input, spec.head_bn)
 
 
 def save_model(folder: str | Path, encoder: nn.Module, spec: ModelSpec) -> str:

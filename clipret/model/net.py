@@ -30,6 +30,7 @@ class RetrievalNet(nn.Module):
         embed_dim: int = 512,
         dropout: float = 0.1,
         gem_input: str = "clamp",
+        head_bn: bool = True,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -40,7 +41,7 @@ class RetrievalNet(nn.Module):
         self.pool_kind = pool
         # CNN maps are post-ReLU, so the classic clamp is the right GeM input there.
         self.pool = GeM(input_map=gem_input if tower.kind == "vit" else "clamp") if pool == "gem" else MeanPool()
-        self.head = EmbeddingHead(tower.width, embed_dim, dropout)
+        self.head = EmbeddingHead(tower.width, embed_dim, dropout, bn=head_bn)
 
     @property
     def embed_dim(self) -> int:

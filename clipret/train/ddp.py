@@ -7,7 +7,7 @@ identical (rank 0's are written). What each rank computes:
 * its own P×K batch of the shared epoch plan (:class:`clipret.data.sampler.PKBatchSampler`);
 * the forward of that batch: the head's BatchNorm normalises over the rank's own P×K rows
   (plain BatchNorm, not SyncBatchNorm: see README, "Several GPUs", for why);
-* the loss and the miner over every rank's embeddings (:class:`clipret.train.losses.CircleObjective`),
+* the loss and the miner over every rank's embeddings (:class:`clipret.train.losses.Objective`),
   so the gradient is that of the loss of the whole P×K×world-size batch.
 
 With one process everything here is a no-op.

@@ -38,6 +38,7 @@ from clipret import _fault, artifacts, distributed, runtime
 from clipret.config import TrainConfig
 from clipret.data.dataset import collate
 from clipret.errors import ClipretError
+from clipret.model.backbone import NO_WEIGHTS
 from clipret.model.build import save_model
 from clipret.train.heldout import validate_epoch
 from clipret.train.llrd import current_lrs
@@ -104,6 +105,10 @@ def _remove_stale_temps(out: Path) -> None:
 def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> dict[str, Any]:
     """Report the setup, train the remaining epochs, report and return the summary."""
     on_event("setup", _setup_payload(state, resumed))
+    if state.step == 0 and not state.history and state.spec.pretrained.lower() not in NO_WEIGHTS:
+        baseline = validate_start(state)
+        if baseline is not None:
+            on_event("baseline", baseline)
     for epoch in range(state.start_epoch, state.cfg.epochs):
         losses, seen, seconds = run_epoch(state, epoch, on_event)
         on_event("epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
@@ -112,6 +117,20 @@ def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> 
                "out": str(state.out), "steps": state.step}
     on_event("done", summary)
     return summary
+
+
+def validate_start(state: TrainState) -> dict[str, Any] | None:
+    """Score the starting weights on the held-out images, before any step: metrics.jsonl's
+    epoch-0 row (never exported; it is what the pretrained weights give before fine-tuning).
+    None without held-out images."""
+    scores = validate_epoch(state)
+    if scores is None:
+        return None
+    row = {"epoch": 0, "step": 0, **scores, "best": False}
+    state.history.append(row)
+    if runtime.is_main():
+        _write_history(state.out / METRICS_NAME, state.history)
+    return row
 
 
 def _setup_payload(state: TrainState, resumed: dict[str, Any] | None) -> dict[str, Any]:
@@ -189,14 +208,15 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
     loss, info = state.objective(emb, labels, epoch)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    state.objective.sync_grads()
     state.scaler.unscale_(state.optimizer)
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_([*state.model.parameters(), *state.objective.parameters()], state.cfg.grad_clip)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
     state.scheduler.step()
     state.step += 1
-    return {"loss": float(loss.detach()) / state.objective.world_size, "lr": lr, "head_lr": head_lr, **info}
+    return {"loss": float(loss.detach()) / state.objective.scale, "lr": lr, "head_lr": head_lr, **info}
 
 
 def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: float) -> dict[str, Any]:
@@ -235,7 +255,7 @@ def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[floa
     if not runtime.is_main():
         return
     artifacts.save_checkpoint(state.out / CHECKPOINT_NAME, {
-        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "model": state.model.state_dict(), "objective": state.objective.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
         "epoch": epoch, "batch": batch, "step": state.step, "rng": rngs[0], "rng_ranks": rngs,
         "world_size": state.world_size,

@@ -28,14 +28,14 @@ from clipret.data.dataset import ImageFolderDataset
 from clipret.data.decode import decode_side_for
 from clipret.data.layout import training_set
 from clipret.data.sampler import PKBatchSampler, resolve_p
-from clipret.data.transforms import AugmentConfig, train_transform
-from clipret.data.validate import check_images
+from clipret.data.transforms import AugmentConfig, resolve_augmentation, train_transform
+from clipret.data.validate import all_gray, check_images
 from clipret.errors import ClipretError
 from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec
 from clipret.train import ddp
 from clipret.train.fast import CompiledForward, apply_memory_paths, uses_channels_last
 from clipret.train.llrd import param_groups
-from clipret.train.losses import CircleObjective
+from clipret.train.losses import Objective
 from clipret.train.resume import continue_at
 from clipret.train.schedule import make_scheduler, move_to_step, warmup_steps_for
 from clipret.train.split import stratified_split
@@ -82,7 +82,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     sampler: PKBatchSampler
     dataset: ImageFolderDataset
-    objective: CircleObjective
+    objective: Objective
     p: int
     total_steps: int
     warnings: list[str] = field(default_factory=list)
@@ -105,7 +105,7 @@ def probe_spec(cfg: TrainConfig) -> ModelSpec:
     Raises :class:`ClipretError` for settings the backbone cannot take (``--pool cls`` on a ResNet).
     """
     return make_spec(cfg.model, cfg.pretrained, pool=cfg.pool, gem_input=cfg.gem_input,
-                     embed_dim=cfg.embed_dim, dropout=cfg.dropout, image_size=cfg.image_size)
+                     embed_dim=cfg.embed_dim, dropout=cfg.dropout, head_bn=cfg.head_bn, image_size=cfg.image_size)
 
 
 def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainData:
@@ -135,6 +135,17 @@ def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainDa
     return TrainData(folder, ids, class_of, classes, train_idx, val_idx, train_labels, {**unusable, **bad})
 
 
+def augmentation_for(cfg: TrainConfig, spec: ModelSpec, data: TrainData) -> AugmentConfig:
+    """The run's augmentation: the settings given, the rest chosen from the input size and
+    whether the training images are gray (:func:`clipret.data.transforms.resolve_augmentation`)."""
+    size = spec.preprocess["size"]
+    size = min(size) if isinstance(size, (list, tuple)) else int(size)
+    gray = None in (cfg.aug_color_jitter, cfg.aug_grayscale) and all_gray(data.folder, [data.ids[i] for i in data.train_idx],
+                                                                          seed=cfg.seed)
+    return resolve_augmentation(size, gray, crop=cfg.aug_crop, flip=cfg.aug_flip, color_jitter=cfg.aug_color_jitter,
+                                grayscale=cfg.aug_grayscale, erasing=cfg.aug_erasing, crop_scale=cfg.aug_crop_scale)
+
+
 def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> TrainState:
     """Build the run from ``cfg`` (new) or from ``cfg`` and its checkpoint (resumed)."""
     cfg.validate()
@@ -156,9 +167,9 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
         workers = min(workers, runtime.cpus_per_rank())
     p, warn_p = resolve_p(len(np.unique(data.train_labels)), cfg.p)
 
-    model = build_encoder(spec) if ckpt is not None else create_encoder(spec)
-    model.to(device)
     warnings = [w for w in [warn_p] if w]
+    model = build_encoder(spec) if ckpt is not None else create_encoder(spec, warnings)
+    model.to(device)
     warnings += apply_memory_paths(model, device, grad_checkpointing=cfg.grad_checkpointing,
                                    channels_last=cfg.channels_last, tf32=cfg.tf32)
     if rank > 0:  # every rank built the same weights; from here on (dropout) each draws its own numbers
@@ -166,12 +177,16 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
     trained = ddp.wrap(model, device)
     forward = CompiledForward(trained, lambda m: on_event("warning", {"message": m})) if cfg.compile else trained
     sampler = PKBatchSampler(data.train_labels, p, cfg.k, seed=cfg.seed, rank=rank, world_size=world_size, with_draws=True)
-    aug = AugmentConfig(cfg.aug_crop, cfg.aug_flip, cfg.aug_color_jitter, cfg.aug_grayscale, cfg.aug_erasing)
+    aug = augmentation_for(cfg, spec, data)
     dataset = ImageFolderDataset(data.folder, [data.ids[i] for i in data.train_idx],
                                  train_transform(spec.preprocess, aug), seed=cfg.seed,
                                  decode_side=decode_side_for(spec.preprocess["size"], cfg.exact_decode))
-    objective = CircleObjective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch)
+    objective = Objective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch, loss=cfg.loss,
+                          num_classes=len(data.classes), embed_dim=spec.embed_dim).to(device)
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.llrd, cfg.head_lr_mult)
+    if objective.parameters():  # ArcFace's class proxies learn at the head's LR, without weight decay
+        groups.append({"name": "loss.no_decay", "params": objective.parameters(), "lr": cfg.lr * cfg.head_lr_mult,
+                       "lr_scale": cfg.head_lr_mult, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = sampler.epoch_length(0) * cfg.epochs
     if total_steps == 0:
@@ -195,6 +210,8 @@ def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
     the epoch plan and of the LR schedule (:func:`clipret.train.resume.continue_at`).
     """
     state.model.load_state_dict(ckpt["model"])
+    if ckpt.get("objective"):
+        state.objective.load_state_dict(ckpt["objective"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
