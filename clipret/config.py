@@ -20,6 +20,8 @@ from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
 __all__ = ["AMPS", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
 
 AMPS = ("auto", "bf16", "fp16", "none")
+NO_WEIGHTS = ("none", "", "random")  # --pretrained values that mean random init (clipret.model.backbone)
+PRETRAINED_LLRD = 0.65  # layer-wise LR decay of a pretrained tower
 LOSSES = ("circle", "multisimilarity", "arcface")  # clipret.train.losses.Objective
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.
@@ -52,7 +54,7 @@ class TrainConfig:
     epochs: int = 15
     lr: float = 4e-4
     weight_decay: float = 0.05
-    llrd: float = 0.65
+    llrd: float | None = None  # None: 0.65 when the tower starts from pretrained weights, 1.0 from random init
     head_lr_mult: float = 10.0
     warmup: float = 0.15
     grad_clip: float = 1.0
@@ -77,6 +79,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA
 
+    def resolved_llrd(self, pretrained: str) -> float:
+        """``llrd``, or when unset: 0.65 for a tower with pretrained weights (``pretrained``, the
+        model spec's source), 1.0 (no decay) for one at random init, which has nothing to protect."""
+        if self.llrd is not None:
+            return self.llrd
+        return 1.0 if pretrained.lower() in NO_WEIGHTS else PRETRAINED_LLRD
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -92,7 +101,7 @@ class TrainConfig:
             (self.k >= 2, "--k must be at least 2 (each class needs a positive pair)"),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.val_split < 1, "--val-split must be in [0, 1)"),
-            (0 < self.llrd <= 1, "--llrd must be in (0, 1]"),
+            (self.llrd is None or 0 < self.llrd <= 1, "--llrd must be in (0, 1]"),
             (0 <= self.warmup, "--warmup must be non-negative"),
             (self.mine_from_epoch >= 1, "--mine-from-epoch is 1-based and must be at least 1"),
             (self.embed_dim >= 1, "--embed-dim must be positive"),

@@ -217,3 +217,31 @@ def test_fine_tune_logs_the_starting_weights_as_epoch_0(tiny_dataset, base_run, 
     assert rows[0]["val_map@r"] == pytest.approx(want["val_map@r"], abs=1e-9)
     # a run from random init has no epoch-0 row
     assert json.loads((base_run / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------
+# layer-wise LR decay: on for pretrained towers, off from random init
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("llrd, pretrained, want", [
+    (None, "none", 1.0), (None, "random", 1.0), (None, "openai", 0.65), (None, "/runs/base", 0.65),
+    (0.8, "none", 0.8), (0.8, "openai", 0.8),
+])
+def test_llrd_default_depends_on_whether_the_tower_is_pretrained(llrd, pretrained, want):
+    assert TrainConfig(llrd=llrd).resolved_llrd(pretrained) == want
+
+
+def test_runs_use_the_resolved_llrd_in_their_param_groups(tiny_dataset, base_run, tmp_path):
+    from clipret.train.loop import train
+
+    def scales(run: Path) -> dict[str, float]:
+        groups = torch.load(run / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+        return {g["name"]: g["lr_scale"] for g in groups}
+
+    scratch = scales(base_run)  # pretrained="none"
+    assert {s for n, s in scratch.items() if not n.startswith("head.")} == {1.0}
+    train(_cfg(tiny_dataset, tmp_path / "tuned", pretrained=str(base_run)))
+    tuned = scales(tmp_path / "tuned")
+    blocks = 4  # tiny-vit.json: layers
+    assert tuned["depth00.decay"] == pytest.approx(0.65 ** blocks) and tuned["head.decay"] == 10.0

@@ -83,7 +83,9 @@ def train_command(
     k: Annotated[int, typer.Option("--k", "--images-per-class", help="Images per class in a P×K batch (K); not a top-k.")] = 4,
     lr: Annotated[float, typer.Option(help="Base learning rate (top transformer block).")] = 4e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases, norms, GeM p).")] = 0.05,
-    llrd: Annotated[float, typer.Option(help="Layer-wise LR decay per block going down.")] = 0.65,
+    llrd: Annotated[Optional[float], typer.Option(
+        help="Layer-wise LR decay per block going down. Default: 0.65 when the tower starts from pretrained weights, "
+             "1 (no decay) from random init.", show_default="auto")] = None,
     head_lr_mult: Annotated[float, typer.Option(help="LR multiplier for the head and pooling.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Warmup: fraction of all steps (or a step count if >= 1).")] = 0.15,
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this.")] = 1.0,

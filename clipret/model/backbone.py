@@ -19,10 +19,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from clipret.config import NO_WEIGHTS  # --pretrained values that mean random init
 from clipret.errors import ClipretError
 from clipret.model import _open_clip
-
-NO_WEIGHTS = {"none", "", "random"}
 
 
 def clip_config_for(model: str) -> tuple[str, dict[str, Any]]:

@@ -183,7 +183,7 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
                                  decode_side=decode_side_for(spec.preprocess["size"], cfg.exact_decode))
     objective = Objective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch, loss=cfg.loss,
                           num_classes=len(data.classes), embed_dim=spec.embed_dim).to(device)
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.llrd, cfg.head_lr_mult)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.resolved_llrd(spec.pretrained), cfg.head_lr_mult)
     if objective.parameters():  # ArcFace's class proxies learn at the head's LR, without weight decay
         groups.append({"name": "loss.no_decay", "params": objective.parameters(), "lr": cfg.lr * cfg.head_lr_mult,
                        "lr_scale": cfg.head_lr_mult, "weight_decay": 0.0})
