@@ -60,7 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # augmentation; None: chosen from the input size and the images (clipret.data.transforms.resolve_augmentation)
     aug_crop: bool | None = None
-    aug_crop_scale: float | None = None
+    aug_crop_scale: float = 0.5
     aug_flip: bool = True
     aug_color_jitter: float | None = None
     aug_grayscale: float | None = None
@@ -119,7 +119,7 @@ class TrainConfig:
             (self.pool in POOLS, f"unknown --pool {self.pool!r}; use {', '.join(POOLS)}"),
             (self.gem_input in GEM_INPUTS, f"unknown --gem-input {self.gem_input!r}; use {', '.join(GEM_INPUTS)}"),
             (self.loss in LOSSES, f"unknown --loss {self.loss!r}; use {', '.join(LOSSES)}"),
-            (self.aug_crop_scale is None or 0 < self.aug_crop_scale <= 1, "--aug-crop-scale must be in (0, 1]"),
+            (0 < self.aug_crop_scale <= 1, "--aug-crop-scale must be in (0, 1]"),
             (self.aug_color_jitter is None or self.aug_color_jitter >= 0, "--aug-color-jitter must be non-negative"),
             (self.aug_grayscale is None or 0 <= self.aug_grayscale <= 1, "--aug-grayscale must be in [0, 1]"),
             (self.aug_erasing is None or 0 <= self.aug_erasing <= 1, "--aug-erasing must be in [0, 1]"),

@@ -28,8 +28,8 @@ STRONG = dict(crop=True, flip=True, color_jitter=0.2, grayscale=0.1, erasing=0.2
     (224, False, STRONG),
     (128, False, STRONG),
     (224, True, {**STRONG, "color_jitter": 0.0, "grayscale": 0.0}),
-    (127, False, {**STRONG, "erasing": 0.0, "crop_scale": 0.8}),
-    (32, True, dict(crop=True, flip=True, color_jitter=0.0, grayscale=0.0, erasing=0.0, crop_scale=0.8)),
+    (127, False, {**STRONG, "crop": False, "erasing": 0.0}),
+    (32, True, dict(crop=False, flip=True, color_jitter=0.0, grayscale=0.0, erasing=0.0, crop_scale=0.5)),
 ])
 def test_automatic_augmentation_follows_size_and_gray_images(size, gray, want):
     assert resolve_augmentation(size, gray) == AugmentConfig(**want)

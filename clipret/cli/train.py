@@ -96,10 +96,10 @@ def train_command(
     miner_epsilon: Annotated[float, typer.Option(help="MultiSimilarity miner margin epsilon.")] = 0.1,
     mine_from_epoch: Annotated[int, typer.Option(help="Epoch (1-based) from which the MultiSimilarity miner is on.")] = 5,
     aug_crop: Annotated[Optional[bool], typer.Option(
-        help="Random resized crop; off: resize and centre crop.", show_default="on")] = None,
-    aug_crop_scale: Annotated[Optional[float], typer.Option(
-        help="Smallest crop area (fraction of the image). Default: 0.5 for inputs of 128 px and more, 0.8 below.",
+        help="Random resized crop; off: resize and centre crop. Default: on for inputs of 128 px and more, off below.",
         show_default="auto")] = None,
+    aug_crop_scale: Annotated[float, typer.Option(
+        help="Smallest crop area of the random resized crop (fraction of the image).")] = 0.5,
     aug_flip: Annotated[bool, typer.Option(help="Random horizontal flip.")] = True,
     aug_color_jitter: Annotated[Optional[float], typer.Option(
         help="Colour jitter strength; 0 turns it off. Default: 0.2, or 0 when the training images are gray.",
