@@ -24,7 +24,8 @@ Everything is cached under ``--work`` and every finished row is appended to ``--
 killed run resumes where it stopped (a half-trained run resumes from its checkpoint).
 
     flock /tmp/clipret-bench.lock python bench/recipe.py                       # everything (hours on 2 cores)
-    python bench/recipe.py --protocols closed --rows default aug               # some rows only
+    python bench/recipe.py --rows default                                      # references and the default only
+    python bench/recipe.py --protocols closed --rows aug lr --seeds 0 1        # some ablation rows
     python bench/recipe.py --quick --work /tmp/rq --out /tmp/rq.jsonl          # smoke run (~1 min)
 """
 
@@ -249,7 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation rows")
     ap.add_argument("--final-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the references and the default")
     ap.add_argument("--rows", nargs="*", default=[], help="only these ablation rows (names or families: aug, pool, head, "
-                    "miner, warmup, lr, loss, tta); default: all")
+                    "miner, warmup, lr, loss, tta; 'default': none, the references and the default only); default: all")
     ap.add_argument("--no-finetune", dest="finetune", action="store_false", help="skip the fine-tuning proxy")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-recipe/results.jsonl"), help="resumable JSON-lines results")
     ap.add_argument("--work", type=Path, help="data, runs and embeddings (default: beside --out)")
