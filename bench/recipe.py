@@ -65,6 +65,7 @@ NEVER = 10**6  # a miner start epoch no run reaches: the miner stays off
 ROWS: tuple[Row, ...] = (
     Row(DEFAULT, "default"),
     Row("aug: off", "aug", {"aug_crop": False, "aug_color_jitter": 0.0, "aug_grayscale": 0.0, "aug_erasing": 0.0}),
+    Row("aug: mild crop (area 0.8-1)", "aug", {"aug_crop": True, "aug_crop_scale": 0.8}),
     Row("aug: seed's strong", "aug", {"aug_crop": True, "aug_crop_scale": 0.5, "aug_color_jitter": 0.2,
                                       "aug_grayscale": 0.1, "aug_erasing": 0.25}),
     Row("pool: GeM softplus", "pool", {"gem_input": "softplus"}),

@@ -112,6 +112,15 @@ for epoch, name in [(0, "plain"), (9, "mined")]:
     loss.backward()
     out.update({name + "_loss": loss.detach().numpy(), name + "_grad": emb.grad.numpy(), "world": objective.world_size,
                 name + "_pairs": info.get("mined_pairs", -1)})
+# ArcFace: each rank's own rows; the proxies' gradients averaged over the ranks (same seeded proxies)
+torch.manual_seed(0)
+arc = Objective(loss="arcface", num_classes=4, embed_dim=8)
+emb = torch.from_numpy(data["emb"][rows]).requires_grad_(True)
+loss, _ = arc(emb, torch.from_numpy(data["labels"][rows]), 9)
+loss.backward()
+arc.sync_grads()
+out.update({"arc_loss": loss.detach().numpy(), "arc_grad": emb.grad.numpy(), "arc_scale": arc.scale,
+            "arc_proxy_grad": arc.parameters()[0].grad.numpy()})
 # a step goes ahead only when every rank has a full P×K batch (an image failed to load on rank 1 here)
 from types import SimpleNamespace
 from clipret.train.loop import _usable
@@ -163,6 +172,19 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
             np.testing.assert_allclose(x[name + "_grad"], 2 * grad[x["rows"]], rtol=1e-4, atol=1e-6)
             if name == "mined":
                 assert int(x[name + "_pairs"]) == info["mined_pairs"]  # the miner saw the whole batch
+    # ArcFace (a mean over rows): each rank's own rows' loss; DDP's average of the model gradients and
+    # sync_grads' average of the proxies' gradients give the 1-rank gradients of the whole batch
+    torch.manual_seed(0)
+    arc = Objective(loss="arcface", num_classes=4, embed_dim=8)
+    full = torch.from_numpy(emb).requires_grad_(True)
+    loss, _ = arc(full, torch.from_numpy(labels), 9)
+    loss.backward()
+    proxy_grad = arc.parameters()[0].grad.numpy()
+    for x in ranks:
+        assert int(x["arc_scale"]) == 1
+        np.testing.assert_allclose(x["arc_grad"], 2 * full.grad.numpy()[x["rows"]], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x["arc_proxy_grad"], proxy_grad, rtol=1e-4, atol=1e-6)
+    assert float(ranks[0]["arc_loss"] + ranks[1]["arc_loss"]) / 2 == pytest.approx(float(loss.detach()), rel=1e-5)
     for x in ranks:  # every rank skips a step together when one rank's batch is short or empty
         assert bool(x["both_full"]) and not bool(x["one_short"]) and not bool(x["one_empty"]) and int(x["warnings"]) == 2
 
