@@ -51,6 +51,23 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def leave_group(code: int, message: str | None = None) -> None:
+    """Exit a rank whose process group lost a peer: print ``message`` (if any), flush, and leave
+    with ``os._exit``. A normal interpreter exit then runs gloo's C++ destructors, which can abort
+    ("terminate called without an active exception", signal 6) on a connection the peer broke.
+    Only for that path: every file this rank writes is already closed or renamed by then."""
+    if message is not None:
+        err.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
+    from clipret import runtime
+
+    if runtime.world_size() <= 1:  # no process group to leave (an in-process caller, a test)
+        raise typer.Exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def handle_errors(fn: F) -> F:
     """Turn :class:`ClipretError` into one line and exit code 2 (``--debug`` keeps the traceback)."""
 

@@ -120,7 +120,7 @@ def embed_command(
                                workers=workers, device=device, amp=amp, strict=strict, tta=tta, exact_decode=exact_decode,
                                dba=dba, on_start=lambda n: progress_start(advance, n), on_batch=advance)
     except PeerError:  # another rank failed and printed why
-        raise typer.Exit(2) from None
+        _console.leave_group(2)
     if not runtime.is_main():
         return
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")

@@ -98,7 +98,7 @@ def query_command(
                 q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp, strict=strict,
                                  tta=tta, exact_decode=exact_decode, on_start=lambda n: progress_start(advance, n), on_batch=advance)
         except PeerError:  # another rank failed and printed why
-            raise typer.Exit(2) from None
+            _console.leave_group(2)
         if not runtime.is_main():
             return
         _console.report_unreadable(q.skipped)

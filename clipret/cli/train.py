@@ -189,15 +189,15 @@ def _run(start: Any) -> None:
     try:
         _run_with_progress(start)
     except PeerError:  # rank 0 raised the same error and prints it
-        raise typer.Exit(2) from None
+        _console.leave_group(2)
     except ClipretError as exc:
         if runtime.world_size() > 1 and not runtime.is_main():
             raise ClipretError(f"rank {runtime.rank()}: {exc}") from None
         raise
     except RuntimeError as exc:
         if runtime.world_size() > 1 and _lost_peer(exc):
-            _console.fail(f"rank {runtime.rank()} lost contact with another rank, which failed or was stopped "
-                          "(its error is above)", code=1)
+            _console.leave_group(1, f"rank {runtime.rank()} lost contact with another rank, which failed or was stopped "
+                                 "(its error is above)")
         raise
 
 
