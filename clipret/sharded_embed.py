@@ -100,9 +100,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
         if strict and skipped:
             fail_strict(skipped)
         if parts is not None:
-            if not parts.is_dir():  # another rank failed --strict and removed it: do not recreate it
-                raise distributed.PeerError(f"another rank stopped and removed {parts}")
-            artifacts.save_embeddings(shard_path(parts, n), vectors, kept, fingerprint=fingerprint, skipped=skipped)
+            write_shard(parts, n, Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped), world)
         have[n] = Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped)
 
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
@@ -146,6 +144,22 @@ def _join(shards: list[Embeddings], fingerprint: str, flags: dict[str, Any], ski
     dim = shards[0].dim if shards else 0
     vectors = np.concatenate([np.asarray(e.vectors) for e in shards]) if shards else np.zeros((0, dim), np.float32)
     return Embeddings(vectors, [i for e in shards for i in e.ids], fingerprint=fingerprint, flags=flags, skipped=skipped)
+
+
+def write_shard(parts: Path, n: int, shard: Embeddings, world: int) -> None:
+    """Write shard ``n`` into ``parts``. Under several ranks, ``parts`` missing (before the write
+    or during it) means another rank failed ``--strict`` and removed it: :class:`PeerError`, so
+    that rank's error is the only one printed. With one process there is no peer: a write error is
+    this run's own."""
+    if world > 1 and not parts.is_dir():  # do not recreate it
+        raise distributed.PeerError(f"another rank stopped and removed {parts}")
+    try:
+        artifacts.save_embeddings(shard_path(parts, n), shard.vectors, shard.ids, fingerprint=shard.fingerprint,
+                                  skipped=shard.skipped)
+    except ClipretError:
+        if world > 1 and not parts.is_dir():  # removed between the check and the write
+            raise distributed.PeerError(f"another rank stopped and removed {parts}") from None
+        raise
 
 
 def _loader_workers(workers: int | None, n_images: int) -> int:

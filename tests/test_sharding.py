@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -137,3 +139,37 @@ def test_resume_takes_the_interrupted_runs_shard_size(tmp_path):
     with pytest.raises(ClipretError, match="another model"):
         prepare_parts(out, ids, "other", None, resume=True, tta=None)
     assert prepare_parts(out, ids, "fp", None, resume=False, tta=None) == (parts, auto_shard_size(40))
+
+
+def test_a_shard_write_racing_a_peers_strict_cleanup_is_a_peer_error(tmp_path, monkeypatch):
+    """Another rank failing --strict removes OUT.parts/ while this one writes a shard: this rank
+    stops as PeerError (printing nothing), even when the folder vanishes between check and write.
+    With one process there is no peer: the write goes ahead."""
+    from clipret import artifacts as artifacts_mod
+    from clipret.artifacts import Embeddings
+    from clipret.distributed import PeerError
+    from clipret.errors import ClipretError
+    from clipret.sharded_embed import write_shard
+
+    shard = Embeddings(np.ones((2, 4), dtype=np.float32), ["a.png", "b.png"], fingerprint="f")
+    parts = tmp_path / "g.npy.parts"
+    parts.mkdir()
+    write_shard(parts, 0, shard, world=2)
+    assert sorted(p.name for p in parts.iterdir() if p.suffix == ".npy")  # written while the folder exists
+
+    real_save = artifacts_mod.save_embeddings
+
+    def removed_meanwhile(path, *args, **kwargs):  # the peer's cleanup lands mid-write (as seen in CI)
+        shutil.rmtree(parts)
+        raise ClipretError(f"cannot write {path}: No such file or directory")
+
+    monkeypatch.setattr(artifacts_mod, "save_embeddings", removed_meanwhile)
+    with pytest.raises(PeerError):
+        write_shard(parts, 1, shard, world=2)
+    assert not parts.exists()  # not recreated
+    monkeypatch.setattr(artifacts_mod, "save_embeddings", real_save)
+    with pytest.raises(PeerError):
+        write_shard(parts, 1, shard, world=2)  # already gone before the write
+    assert not parts.exists()
+    write_shard(parts, 1, shard, world=1)  # one process: no peer to blame, the shard is written
+    assert parts.is_dir()
