@@ -99,9 +99,9 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     for n, (vectors, kept, skipped) in zip(mine, results):
         if strict and skipped:
             fail_strict(skipped)
-        if parts is not None:
-            write_shard(parts, n, Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped), world)
         have[n] = Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped)
+        if parts is not None:
+            write_shard(parts, n, have[n], world)
 
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
              "tta": tta, "dba": dba or None, "exact_decode": bool(exact_decode)}
@@ -151,14 +151,17 @@ def write_shard(parts: Path, n: int, shard: Embeddings, world: int) -> None:
     or during it) means another rank failed ``--strict`` and removed it: :class:`PeerError`, so
     that rank's error is the only one printed. With one process there is no peer: a write error is
     this run's own."""
-    if world > 1 and not parts.is_dir():  # do not recreate it
-        raise distributed.PeerError(f"another rank stopped and removed {parts}")
+    def removed_by_peer() -> distributed.PeerError | None:
+        return distributed.PeerError(f"another rank stopped and removed {parts}") if world > 1 and not parts.is_dir() else None
+
+    if (gone := removed_by_peer()) is not None:  # before the write: do not recreate it
+        raise gone
     try:
         artifacts.save_embeddings(shard_path(parts, n), shard.vectors, shard.ids, fingerprint=shard.fingerprint,
                                   skipped=shard.skipped)
     except ClipretError:
-        if world > 1 and not parts.is_dir():  # removed between the check and the write
-            raise distributed.PeerError(f"another rank stopped and removed {parts}") from None
+        if (gone := removed_by_peer()) is not None:  # removed between the check and the write
+            raise gone from None
         raise
 
 
