@@ -37,8 +37,8 @@ from result_cache import ResultCache, settings_key
 
 from clipret.errors import ClipretError
 
-__all__ = ["CONFIG", "PROTOCOLS", "Prepared", "ResultCache", "Sizes", "embed", "evaluate", "export", "pixel_vectors",
-           "prepare", "protocol_overrides", "raw_pixels", "run_key", "settings_key", "time_search", "train_config",
+__all__ = ["CONFIG", "PROTOCOLS", "Prepared", "ResultCache", "Sizes", "embed", "evaluate", "export", "locate",
+           "pixel_vectors", "prepare", "protocol_overrides", "raw_pixels", "run_key", "settings_key", "time_search", "train_config",
            "train_run"]
 
 BENCH = Path(__file__).resolve().parent
@@ -174,20 +174,27 @@ def protocol_overrides(protocol: str, train: Mapping[str, Any]) -> dict[str, Any
     return {**train, "p": min(int(train.get("p", TrainConfig.p)), n_classes)}
 
 
-def prepare(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes, train: Mapping[str, Any],
-            src: Path | None = None) -> Prepared:
-    """Export and train (each once) for ``protocol`` and ``seed`` under ``work``; ``train`` overrides TrainConfig."""
+def locate(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes, train: Mapping[str, Any],
+           src: Path | None = None) -> Prepared:
+    """Export (once) ``protocol``'s data for ``seed`` under ``work``, and say where its run with the
+    ``train`` overrides lives, without training it (``train_seconds`` is NaN until it has trained)."""
     work = Path(work)
     data_key = settings_key({"protocol": protocol, "seed": seed, **asdict(sizes)})
     root = work / "data" / f"{protocol}-s{seed}-{data_key}"
     export(root, protocol, sizes, seed, src)
-    train = protocol_overrides(protocol, train)
-    cfg = train_config(root, "unused", seed, **train)
+    cfg = train_config(root, "unused", seed, **protocol_overrides(protocol, train))
     run = work / "runs" / f"{protocol}-s{seed}-{settings_key({'data': data_key, 'train': run_key(cfg)})}"
-    train_run(root, run, seed, **train)
     done = _read_json(run / _DONE) or {}
     return Prepared(protocol, seed, root, run, float(done.get("result", {}).get("seconds", float("nan"))),
                     run_key(cfg))
+
+
+def prepare(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes, train: Mapping[str, Any],
+            src: Path | None = None) -> Prepared:
+    """Export and train (each once) for ``protocol`` and ``seed`` under ``work``; ``train`` overrides TrainConfig."""
+    where = locate(work, protocol, seed, sizes, train, src)
+    train_run(where.root, where.run, seed, **protocol_overrides(protocol, train))
+    return locate(work, protocol, seed, sizes, train, src)
 
 
 def embed(run: str | os.PathLike[str], folder: str | os.PathLike[str], out_npy: str | os.PathLike[str],

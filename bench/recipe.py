@@ -64,7 +64,8 @@ NEVER = 10**6  # a miner start epoch no run reaches: the miner stays off
 
 ROWS: tuple[Row, ...] = (
     Row(DEFAULT, "default"),
-    Row("aug: off", "aug", {"aug_crop": False, "aug_color_jitter": 0.0, "aug_grayscale": 0.0, "aug_erasing": 0.0}),
+    Row("aug: off", "aug", {"aug_crop": False, "aug_flip": False, "aug_color_jitter": 0.0, "aug_grayscale": 0.0,
+                            "aug_erasing": 0.0}),
     Row("aug: mild crop (area 0.8-1)", "aug", {"aug_crop": True, "aug_crop_scale": 0.8}),
     Row("aug: seed's strong", "aug", {"aug_crop": True, "aug_crop_scale": 0.5, "aug_color_jitter": 0.2,
                                       "aug_grayscale": 0.1, "aug_erasing": 0.25}),
@@ -78,9 +79,8 @@ ROWS: tuple[Row, ...] = (
     Row("warmup: 0", "warmup", {"warmup": 0.0}),
     Row("warmup: 0.3", "warmup", {"warmup": 0.3}),
     Row("head LR ×1", "lr", {"head_lr_mult": 1.0}),
-    Row("head LR ×10", "lr", {"head_lr_mult": 10.0}),
+    Row("head LR ×3", "lr", {"head_lr_mult": 3.0}),
     Row("LLRD 0.65", "lr", {"llrd": 0.65}),
-    Row("LLRD 1 (none)", "lr", {"llrd": 1.0}),
     Row("Circle m 0.25, γ 256", "loss", {"circle_m": 0.25, "circle_gamma": 256.0}),
     Row("Circle m 0.4, γ 32", "loss", {"circle_m": 0.4, "circle_gamma": 32.0}),
     Row("loss: MultiSimilarity", "loss", {"loss": "multisimilarity"}),
@@ -104,9 +104,27 @@ def untrained(prep: fp.Prepared, args: argparse.Namespace) -> Path:
     return folder
 
 
+def effective(row: Row, train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a row's run computes on the benchmark's inputs (32 px, gray, random init): its TrainConfig
+    with the size- and image-dependent defaults resolved (augmentation, layer-wise decay), and its TTA."""
+    from dataclasses import asdict
+
+    from clipret.data.transforms import resolve_augmentation
+
+    cfg = fp.train_config("unused", "unused", 0, **{**(train or {}), **row.train})
+    aug = resolve_augmentation(32, True, crop=cfg.aug_crop, flip=cfg.aug_flip, color_jitter=cfg.aug_color_jitter,
+                               grayscale=cfg.aug_grayscale, erasing=cfg.aug_erasing, crop_scale=cfg.aug_crop_scale)
+    out = {k: v for k, v in fp.run_key(cfg).items() if not k.startswith("aug_") and k != "llrd"}
+    return {**out, "aug": asdict(aug), "llrd": cfg.resolved_llrd("none"), "tta": row.tta}
+
+
+def score_key(model: Path, prep: fp.Prepared, tta: str | None) -> str:
+    return fp.settings_key({"v": VERSION, "model": str(model), "data": prep.root.name, "tta": tta})
+
+
 def score(model: Path, prep: fp.Prepared, tta: str | None, cache: fp.ResultCache, meta: dict[str, Any]) -> dict[str, Any]:
     """Embed ``prep``'s query and gallery with ``model`` (once) and score them, through the cache."""
-    key = fp.settings_key({"v": VERSION, "model": str(model), "data": prep.root.name, "tta": tta})
+    key = score_key(model, prep, tta)
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -129,8 +147,14 @@ def pixels(prep: fp.Prepared, cache: fp.ResultCache) -> dict[str, Any]:
 
 def train_row(args: argparse.Namespace, protocol: str, seed: int, row: Row, cache: fp.ResultCache,
               extra: dict[str, Any] | None = None, name: str | None = None) -> tuple[fp.Prepared, dict[str, Any]]:
-    """Train (once) with the row's overrides and score it."""
-    prep = fp.prepare(args.work, protocol, seed, args.sizes, {**args.train, **row.train, **(extra or {})})
+    """Train (once) with the row's overrides and score it. A row already in the cache is not retrained,
+    even when its run folder is gone."""
+    train = {**args.train, **row.train, **(extra or {})}
+    prep = fp.locate(args.work, protocol, seed, args.sizes, train)
+    hit = cache.get(score_key(prep.run, prep, row.tta))
+    if hit is not None:
+        return prep, hit
+    prep = fp.prepare(args.work, protocol, seed, args.sizes, train)
     meta = {"row": name or row.name, "run": prep.run.name, "train_s": prep.train_seconds, "flags": row.flags()}
     return prep, score(prep.run, prep, row.tta, cache, meta)
 
@@ -163,6 +187,8 @@ def finetune(args: argparse.Namespace, cache: fp.ResultCache) -> tuple[dict[str,
         recs.setdefault("pretrained embedding", {})[seed] = score(base.run, scratch, None, cache, meta)
         tuned, recs.setdefault("fine-tuned (default)", {})[seed] = train_row(
             args, "finetune", seed, ROWS[0], cache, {"pretrained": str(base.run)}, name="fine-tuned (default)")
+        if not (tuned.run / "metrics.jsonl").is_file():  # scored earlier, its run folder since removed
+            tuned = fp.prepare(args.work, "finetune", seed, args.sizes, {**args.train, "pretrained": str(base.run)})
         history = [json.loads(line) for line in (tuned.run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         start = next((r["val_map@r"] for r in history if r["epoch"] == 0), None)
         epochs = [r["val_map@r"] for r in history if r["epoch"] > 0 and "val_map@r" in r]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,22 @@ def test_every_ablation_row_changes_one_recipe_piece_from_the_defaults():
     for row in ROWS[1:]:
         assert set(row.train) <= fields, row.name
         assert row.train or row.tta, row.name  # a row that changes nothing would compare the default with itself
+
+
+def test_no_ablation_row_computes_what_the_default_computes_on_the_benchmark_inputs():
+    # e.g. "aug: off" without the flip, or "LLRD 1" from random init, are the default at 32 px on gray images
+    from recipe import effective
+
+    train = {"epochs": 12, "lr": 1e-3, "p": 10, "k": 8}
+    default = effective(ROWS[0], train)
+    assert default["aug"]["flip"] and not default["aug"]["crop"] and default["llrd"] == 1.0
+    seen = [default]
+    for row in ROWS[1:]:
+        mine = effective(row, train)
+        assert mine not in seen, row.name
+        seen.append(mine)
+    assert effective(next(r for r in ROWS if r.name == "aug: off"), train)["aug"] == {
+        "crop": False, "flip": False, "color_jitter": 0.0, "grayscale": 0.0, "erasing": 0.0, "crop_scale": 0.5}
 
 
 def test_targets_are_checked_on_every_seed():
@@ -69,3 +86,12 @@ def test_quick_run_prints_every_table_and_resumes_from_the_cache(tmp_path: Path)
     again = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120, env=env)
     assert again.returncode == 0 and " seed 0 " not in again.stdout  # every row came from the cache
     assert again.stdout.split("### closed set")[1] == r.stdout.split("### closed set")[1]
+    # the cache, not the run folders, is the record: rows scored earlier are not retrained when their runs are gone
+    gone = [run for run in (tmp_path / "work" / "runs").iterdir() if run.name.startswith("closed-")]
+    assert gone
+    for run in gone:
+        shutil.rmtree(run)
+    third = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120, env=env)
+    assert third.returncode == 0 and " seed 0 " not in third.stdout, third.stdout + third.stderr
+    assert not any((tmp_path / "work" / "runs" / run.name).exists() for run in gone)
+    assert third.stdout.split("### closed set")[1] == r.stdout.split("### closed set")[1]
