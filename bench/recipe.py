@@ -197,6 +197,16 @@ def finetune(args: argparse.Namespace, cache: fp.ResultCache) -> tuple[dict[str,
     return recs, checks
 
 
+NOISE_FLOOR = 0.01  # MAP@R: a smaller mean Δ is "within noise" however small its std (two seeds barely estimate one)
+
+
+def verdict(delta: float, std: float) -> str:
+    """A row's paired ΔMAP@R against the default, in words: beyond its std and the noise floor, or not."""
+    if abs(delta) < NOISE_FLOOR or abs(delta) <= std:
+        return "within noise"
+    return "better" if delta > 0 else "worse"
+
+
 def table(recs: dict[str, dict[int, dict]], baseline: str, order: list[str]) -> str:
     summary = summarize(recs, baseline, (*METRICS, "train_s"))
     out = []
@@ -206,8 +216,7 @@ def table(recs: dict[str, dict[int, dict]], baseline: str, order: list[str]) -> 
         t = summary[name]
         d = t["delta"]["map@r"]
         reference = name == baseline or name in ("raw pixels", "untrained network", "pretrained embedding")
-        note = "" if reference or len(t["seeds"]) < 2 else (
-            "worse" if d[0] < 0 and abs(d[0]) > d[1] else "better" if d[0] > 0 and d[0] > d[1] else "within noise")
+        note = "" if reference or len(t["seeds"]) < 2 else verdict(*d)
         flags = next((r.flags() for r in ROWS if r.name == name), "")
         out.append([name, flags, *[fmt_pm(t[k]) for k in METRICS], fmt_pm(d, signed=True),
                     "–" if t["train_s"][0] != t["train_s"][0] else f"{t['train_s'][0]:.0f}", str(len(t["seeds"])), note])
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nvalidation MAP@R of the fine-tune, starting weights (epoch 0) → lowest epoch: "
               + "; ".join(f"seed {s}: {c['start']:.3f} → {c['min']:.3f}" for s, c in checks.items() if c["start"] is not None))
     print("\nmean ± sample std over seeds; Δ paired per seed against the table's default row; 'better'/'worse': "
-          "|mean Δ| beyond its std, else 'within noise'. train s: wall time of the training (first session).")
+          "|mean Δ| beyond its std and ≥ 0.01, else 'within noise'. train s: wall time of the training (first session).")
     met = targets(results.get("closed"), results.get("open"), ft)
     for what, ok in met:
         print(f"target {'MET' if ok else 'NOT MET'}: {what}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from recipe import DEFAULT, ROWS, targets
+from recipe import DEFAULT, ROWS, targets, verdict
 from test_postprocess_bench import _fake_patterns
 
 
@@ -45,6 +45,14 @@ def test_no_ablation_row_computes_what_the_default_computes_on_the_benchmark_inp
         seen.append(mine)
     assert effective(next(r for r in ROWS if r.name == "aug: off"), train)["aug"] == {
         "crop": False, "flip": False, "color_jitter": 0.0, "grayscale": 0.0, "erasing": 0.0, "crop_scale": 0.5}
+
+
+def test_a_row_is_better_or_worse_only_beyond_its_std_and_the_noise_floor():
+    assert verdict(0.0003, 0.0001) == "within noise"  # tiny but steady: two seeds say little about the std
+    assert verdict(-0.009, 0.001) == "within noise"
+    assert verdict(0.03, 0.04) == "within noise"
+    assert verdict(0.016, 0.003) == "better"
+    assert verdict(-0.059, 0.005) == "worse"
 
 
 def test_targets_are_checked_on_every_seed():
