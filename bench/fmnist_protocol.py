@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from result_cache import ResultCache, settings_key
 from clipret.errors import ClipretError
 
 __all__ = ["CONFIG", "PROTOCOLS", "Prepared", "ResultCache", "Sizes", "embed", "evaluate", "export", "locate",
-           "pixel_vectors", "prepare", "protocol_overrides", "raw_pixels", "run_key", "settings_key", "time_search", "train_config",
-           "train_run"]
+           "pixel_vectors", "prepare", "protocol_overrides", "raw_pixels", "run_key", "settings_key", "time_search",
+           "train_config", "train_run"]
 
 BENCH = Path(__file__).resolve().parent
 CONFIG = BENCH / "configs" / "fmnist-vit.json"
@@ -184,9 +184,13 @@ def locate(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes,
     export(root, protocol, sizes, seed, src)
     cfg = train_config(root, "unused", seed, **protocol_overrides(protocol, train))
     run = work / "runs" / f"{protocol}-s{seed}-{settings_key({'data': data_key, 'train': run_key(cfg)})}"
+    return Prepared(protocol, seed, root, run, _train_seconds(run), run_key(cfg))
+
+
+def _train_seconds(run: Path) -> float:
+    """Wall seconds of the run's first training; NaN while it has not trained."""
     done = _read_json(run / _DONE) or {}
-    return Prepared(protocol, seed, root, run, float(done.get("result", {}).get("seconds", float("nan"))),
-                    run_key(cfg))
+    return float(done.get("result", {}).get("seconds", float("nan")))
 
 
 def prepare(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes, train: Mapping[str, Any],
@@ -194,7 +198,7 @@ def prepare(work: str | os.PathLike[str], protocol: str, seed: int, sizes: Sizes
     """Export and train (each once) for ``protocol`` and ``seed`` under ``work``; ``train`` overrides TrainConfig."""
     where = locate(work, protocol, seed, sizes, train, src)
     train_run(where.root, where.run, seed, **protocol_overrides(protocol, train))
-    return locate(work, protocol, seed, sizes, train, src)
+    return replace(where, train_seconds=_train_seconds(where.run))
 
 
 def embed(run: str | os.PathLike[str], folder: str | os.PathLike[str], out_npy: str | os.PathLike[str],

@@ -119,6 +119,7 @@ def effective(row: Row, train: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def score_key(model: Path, prep: fp.Prepared, tta: str | None) -> str:
+    """The cache key of ``model``'s scores on ``prep``'s query and gallery (with ``tta``)."""
     return fp.settings_key({"v": VERSION, "model": str(model), "data": prep.root.name, "tta": tta})
 
 
@@ -146,13 +147,14 @@ def pixels(prep: fp.Prepared, cache: fp.ResultCache) -> dict[str, Any]:
 
 
 def train_row(args: argparse.Namespace, protocol: str, seed: int, row: Row, cache: fp.ResultCache,
-              extra: dict[str, Any] | None = None, name: str | None = None) -> tuple[fp.Prepared, dict[str, Any]]:
-    """Train (once) with the row's overrides and score it. A row already in the cache is not retrained,
-    even when its run folder is gone."""
+              extra: dict[str, Any] | None = None, name: str | None = None,
+              need_run: bool = False) -> tuple[fp.Prepared, dict[str, Any]]:
+    """Train (once) with the row's overrides and score it. A row already in the cache is not retrained
+    when its run folder is gone, unless the caller ``need_run`` (reads the run's files)."""
     train = {**args.train, **row.train, **(extra or {})}
     prep = fp.locate(args.work, protocol, seed, args.sizes, train)
     hit = cache.get(score_key(prep.run, prep, row.tta))
-    if hit is not None:
+    if hit is not None and not need_run:
         return prep, hit
     prep = fp.prepare(args.work, protocol, seed, args.sizes, train)
     meta = {"row": name or row.name, "run": prep.run.name, "train_s": prep.train_seconds, "flags": row.flags()}
@@ -186,9 +188,8 @@ def finetune(args: argparse.Namespace, cache: fp.ResultCache) -> tuple[dict[str,
         meta = {"row": "pretrained embedding", "run": base.run.name, "train_s": base.train_seconds}
         recs.setdefault("pretrained embedding", {})[seed] = score(base.run, scratch, None, cache, meta)
         tuned, recs.setdefault("fine-tuned (default)", {})[seed] = train_row(
-            args, "finetune", seed, ROWS[0], cache, {"pretrained": str(base.run)}, name="fine-tuned (default)")
-        if not (tuned.run / "metrics.jsonl").is_file():  # scored earlier, its run folder since removed
-            tuned = fp.prepare(args.work, "finetune", seed, args.sizes, {**args.train, "pretrained": str(base.run)})
+            args, "finetune", seed, ROWS[0], cache, {"pretrained": str(base.run)}, name="fine-tuned (default)",
+            need_run=True)  # its metrics.jsonl gives the per-epoch check
         history = [json.loads(line) for line in (tuned.run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         start = next((r["val_map@r"] for r in history if r["epoch"] == 0), None)
         epochs = [r["val_map@r"] for r in history if r["epoch"] > 0 and "val_map@r" in r]
