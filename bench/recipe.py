@@ -82,7 +82,7 @@ ROWS: tuple[Row, ...] = (
     Row("head LR ×3", "lr", {"head_lr_mult": 3.0}),
     Row("LLRD 0.65", "lr", {"llrd": 0.65}),
     Row("Circle m 0.25, γ 256", "loss", {"circle_m": 0.25, "circle_gamma": 256.0}),
-    Row("Circle m 0.4, γ 32", "loss", {"circle_m": 0.4, "circle_gamma": 32.0}),
+    Row("Circle γ 80 (the seed's)", "loss", {"circle_gamma": 80.0}),
     Row("loss: MultiSimilarity", "loss", {"loss": "multisimilarity"}),
     Row("loss: ArcFace", "loss", {"loss": "arcface"}),
     Row("+ flip TTA", "tta", tta="flip"),

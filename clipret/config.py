@@ -45,7 +45,7 @@ class TrainConfig:
     # loss, miner, sampler
     loss: str = "circle"
     circle_m: float = 0.4
-    circle_gamma: float = 80.0
+    circle_gamma: float = 32.0
     miner_epsilon: float = 0.1
     mine_from_epoch: int = 5  # 1-based
     p: int = 32

@@ -92,7 +92,8 @@ def train_command(
     loss: Annotated[Loss, typer.Option(
         help="Metric loss (pytorch-metric-learning): circle, multisimilarity, or arcface (class proxies; no miner).")] = Loss.circle,
     circle_m: Annotated[float, typer.Option(help="Circle loss relaxation margin m.")] = 0.4,
-    circle_gamma: Annotated[float, typer.Option(help="Circle loss scale gamma.")] = 80.0,
+    circle_gamma: Annotated[float, typer.Option(
+        help="Circle loss scale gamma (32: better MAP@R than the seed's 80 in docs/benchmarks.md).")] = 32.0,
     miner_epsilon: Annotated[float, typer.Option(help="MultiSimilarity miner margin epsilon.")] = 0.1,
     mine_from_epoch: Annotated[int, typer.Option(help="Epoch (1-based) from which the MultiSimilarity miner is on.")] = 5,
     aug_crop: Annotated[Optional[bool], typer.Option(

@@ -34,7 +34,7 @@ class Objective:
     gradients the same way.
     """
 
-    def __init__(self, m: float = 0.4, gamma: float = 80.0, miner_epsilon: float = 0.1, mine_from_epoch: int = 5, *,
+    def __init__(self, m: float = 0.4, gamma: float = 32.0, miner_epsilon: float = 0.1, mine_from_epoch: int = 5, *,
                  loss: str = "circle", num_classes: int = 0, embed_dim: int = 0) -> None:
         from pytorch_metric_learning import losses, miners
 
