@@ -21,6 +21,24 @@ def test_gem_limits_are_mean_and_max():
     assert torch.allclose(gem(x, 200.0), x.amax(dim=1), rtol=2e-2)
 
 
+@pytest.mark.parametrize("p", [3.0, 7.6, 12.0])
+def test_gem_stays_finite_when_a_channel_is_all_clamped(p):
+    # float32, a learned p past ~7.5 and one channel whose tokens are all negative (so all clamped to eps):
+    # the direct (mean x^p)^(1/p) underflows to 0 there and its backward gives NaN (seen in training)
+    torch.manual_seed(0)
+    pool = GeM(p=p)
+    x = torch.randn(4, 64, 8)
+    x[:, :, 0] = -torch.rand(4, 64)
+    x[:, 0, 1], x[:, 1:, 1] = 2e-6, -1.0  # one token just above eps, the rest clamped
+    x.requires_grad_(True)
+    y = pool(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(pool.p.grad)
+    torch.testing.assert_close(y[:, 0], torch.full((4,), 1e-6), rtol=1e-4, atol=0)  # all eps: GeM is eps
+    want = ((2e-6**p + 63 * 1e-6**p) / 64) ** (1 / p)  # exact, in float64
+    torch.testing.assert_close(y[:, 1].double(), torch.full((4,), want, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
 def test_gem_module_p_is_learnable_and_receives_gradient():
     pool = GeM(p=3.0, input_map="softplus")
     assert pool.p.item() == 3.0 and pool.p.requires_grad

@@ -23,6 +23,8 @@ measurement with pretrained weights says otherwise.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,13 +37,19 @@ __all__ = ["GEM_INPUTS", "GeM", "MeanPool", "gem", "nonnegative"]
 def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6, dim: int = 1) -> torch.Tensor:
     """Generalised mean ``(mean_n x^p)^(1/p)`` over ``dim``; ``x`` must be non-negative.
 
+    Computed in the log domain, ``exp((logsumexp_n(p log x) - log N) / p)``: the same value, but
+    finite with a finite gradient for any p. The direct form underflows in float32 once ``eps^p``
+    does (p > ~7.5 for eps 1e-6, e.g. a channel whose tokens are all negative before the clamp): the
+    mean becomes 0 and the gradient of ``0^(1/p)`` is NaN, which then spreads to every weight.
+
     Args:
         x: (B, N, C) non-negative features (values below ``eps`` are clamped to it).
         p: the exponent, a scalar tensor or float; p=1 is the mean, p→∞ the max.
     Returns:
         (B, C).
     """
-    return x.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
+    n = x.shape[dim]
+    return ((p * x.clamp(min=eps).log()).logsumexp(dim=dim) - math.log(n)).div(p).exp()
 
 
 def nonnegative(x: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
