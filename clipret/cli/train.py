@@ -231,7 +231,8 @@ def _run_with_progress(start: Any) -> None:
                              head_lr=f"{payload['head_lr']:.2e}", **{"img/s": f"{payload['img_s']:.0f}"})
         elif kind == "epoch":
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
-            _console.info(f"epoch {payload['epoch']}: loss {payload['train_loss']:.4f}{val}{' (best)' if payload['best'] else ''}")
+            loss = "–" if payload["train_loss"] is None else f"{payload['train_loss']:.4f}"  # None: no finite step
+            _console.info(f"epoch {payload['epoch']}: loss {loss}{val}{' (best)' if payload['best'] else ''}")
         elif kind == "baseline":
             _console.info(f"before training (the starting weights): val R@1 {payload['val_recall@1']:.3f}, "
                           f"MAP@R {payload['val_map@r']:.3f}")

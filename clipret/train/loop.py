@@ -16,6 +16,10 @@ epoch (sampler), per sample (augmentation, see
 checkpoint (python/numpy/torch RNG of every rank, which dropout draws from);
 the sampler can start mid-epoch; and only rank 0 writes files.
 
+A step whose gradient is not finite (NaN or inf: every rank sees the same averaged gradient, so
+all agree) leaves the weights as they were and is left out of the epoch's mean loss; a warning
+says so once per streak, and ``MAX_NONFINITE_STEPS`` in a row stop the run as diverged.
+
 Under torchrun (``torchrun --nproc_per_node N -m clipret train ...``) every
 rank runs this same loop in DistributedDataParallel (:mod:`clipret.train.ddp`):
 the process group is set up here, around the whole run, and taken down on the
@@ -48,6 +52,7 @@ from clipret.train.state import CHECKPOINT_NAME, capture_rng
 
 __all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
 METRICS_NAME = "metrics.jsonl"
+MAX_NONFINITE_STEPS = 20  # skipped non-finite steps in a row before training stops as diverged
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:
@@ -168,7 +173,11 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
             continue
         info = train_step(state, batch, epoch)
         t1 = time.perf_counter()
-        losses.append(info["loss"])
+        if info["finite"]:
+            losses.append(info["loss"])
+        elif state.nonfinite_steps == 1:  # once per streak
+            on_event("warning", {"message": f"skipped the update of step {state.step}: its loss or gradient was not "
+                                            "finite (the weights were left as they were)"})
         seen += len(batch["indices"]) * state.world_size  # every rank took a batch of the same size
         if state.trace is not None:
             state.trace.record(state.step, state.model, info["loss"], t0, t1)
@@ -210,13 +219,21 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
     state.scaler.scale(loss).backward()
     state.objective.sync_grads()
     state.scaler.unscale_(state.optimizer)
-    torch.nn.utils.clip_grad_norm_([*state.model.parameters(), *state.objective.parameters()], state.cfg.grad_clip)
-    state.scaler.step(state.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_([*state.model.parameters(), *state.objective.parameters()], state.cfg.grad_clip)
+    finite = bool(torch.isfinite(norm))  # of gradients already averaged over the ranks: every rank decides alike
+    if finite or state.scaler.is_enabled():
+        state.scaler.step(state.optimizer)  # an fp16 scaler skips a non-finite step itself (and lowers its scale)
     state.scaler.update()
+    state.nonfinite_steps = 0 if finite else state.nonfinite_steps + 1
+    if state.nonfinite_steps >= MAX_NONFINITE_STEPS:
+        raise ClipretError(
+            f"training diverged: the loss or its gradient was not finite for {state.nonfinite_steps} steps in a row "
+            f"(up to step {state.step + 1}); those steps left the weights as they were, and {state.out} keeps the last "
+            "checkpoint and best model; train again with a lower --lr or a longer --warmup")
     lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
     state.scheduler.step()
     state.step += 1
-    return {"loss": float(loss.detach()) / state.objective.scale, "lr": lr, "head_lr": head_lr, **info}
+    return {"loss": float(loss.detach()) / state.objective.scale, "lr": lr, "head_lr": head_lr, "finite": finite, **info}
 
 
 def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: float) -> dict[str, Any]:
