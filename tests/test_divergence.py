@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_RN
 from safetensors.torch import load_file
 
 from clipret.config import TrainConfig
 from clipret.errors import ClipretError
-from conftest import TINY_RN
 
 
 def _poison(mp: pytest.MonkeyPatch, bad_calls: set[int] | None) -> list[int]:
