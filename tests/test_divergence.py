@@ -49,6 +49,7 @@ def test_nonfinite_steps_are_skipped_and_the_run_finishes_finite(tiny_dataset, t
     assert all(torch.isfinite(w).all() for w in weights.values())  # without the skip, NaN reaches every weight
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train_loss"] is not None and r["train_loss"] == r["train_loss"] for r in rows)  # NaN != NaN
+    assert [r["skipped_steps"] for r in rows] == [2, 1]  # 4 steps an epoch: calls 1, 2 | 5
     warned = [p["message"] for k, p in events if k == "warning" and "not finite" in p["message"]]
     assert len(warned) == 2  # one per streak: calls {1, 2} and {5}
     steps = [p for k, p in events if k == "step"]

@@ -160,6 +160,7 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
     """
     first = state.start_batch if epoch == state.start_epoch else 0
     losses = list(state.resumed_losses) if first else []  # the mean loss still covers the steps before a crash
+    state.epoch_skipped = 0
     state.sampler.set_epoch(epoch, first)
     state.dataset.set_epoch(epoch)
     loader = DataLoader(state.dataset, batch_sampler=state.sampler, num_workers=state.workers, collate_fn=collate,
@@ -175,7 +176,9 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
         t1 = time.perf_counter()
         if info["finite"]:
             losses.append(info["loss"])
-        elif state.nonfinite_steps == 1:  # once per streak
+        else:
+            state.epoch_skipped += 1
+        if state.nonfinite_steps == 1:  # once per streak
             on_event("warning", {"message": f"skipped the update of step {state.step}: its loss or gradient was not "
                                             "finite (the weights were left as they were)"})
         seen += len(batch["indices"]) * state.world_size  # every rank took a batch of the same size
@@ -244,7 +247,8 @@ def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: flo
     """
     lr, head_lr = state.last_lrs or current_lrs(state.optimizer)  # the LRs of the epoch's last step
     row: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)) if losses else None,
-                           "lr": lr, "head_lr": head_lr, "mining": state.objective.mining(epoch), "img_per_s": img_per_s}
+                           "lr": lr, "head_lr": head_lr, "mining": state.objective.mining(epoch), "img_per_s": img_per_s,
+                           "skipped_steps": state.epoch_skipped}
     scores = validate_epoch(state)
     if scores is not None:
         row.update(scores)

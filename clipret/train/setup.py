@@ -98,6 +98,7 @@ class TrainState:
     resumed_losses: list[float] = field(default_factory=list)  # losses of the interrupted epoch before the crash
     last_lrs: tuple[float, float] | None = None  # (base LR, head LR) of the last step taken
     nonfinite_steps: int = 0  # steps in a row whose gradient was not finite (their update was skipped)
+    epoch_skipped: int = 0  # such steps in this epoch (since this session's start of it)
 
 
 def probe_spec(cfg: TrainConfig) -> ModelSpec:
