@@ -83,6 +83,7 @@ ROWS: tuple[Row, ...] = (
     Row("LLRD 0.65", "lr", {"llrd": 0.65}),
     Row("Circle m 0.25, γ 256", "loss", {"circle_m": 0.25, "circle_gamma": 256.0}),
     Row("Circle γ 80 (the seed's)", "loss", {"circle_gamma": 80.0}),
+    Row("Circle m 0.25", "loss", {"circle_m": 0.25}),
     Row("loss: MultiSimilarity", "loss", {"loss": "multisimilarity"}),
     Row("loss: ArcFace", "loss", {"loss": "arcface"}),
     Row("+ flip TTA", "tta", tta="flip"),
