@@ -9,6 +9,8 @@ must lie on a file system every node shares.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from clipret.artifacts import Embeddings
 from clipret.errors import ClipretError
 from clipret.sharding import auto_shard_size
 
-__all__ = ["load_shard", "parts_dir", "prepare_parts", "reusable_shard", "shard_path"]
+__all__ = ["discard_parts", "load_shard", "parts_dir", "prepare_parts", "reusable_shard", "shard_path"]
 
 
 def parts_dir(out: Path) -> Path:
@@ -28,6 +30,24 @@ def parts_dir(out: Path) -> Path:
 
 def shard_path(parts: Path, n: int) -> Path:
     return parts / f"shard-{n:06d}.npy"
+
+
+def discard_parts(parts: Path) -> None:
+    """Remove ``parts`` as one step, then its contents: it is first renamed to a hidden sibling.
+
+    Other ranks may be writing shards into ``parts`` at that moment. After the rename their
+    writes fail on the missing folder (and :func:`clipret.sharded_embed.write_shard` tells them a
+    peer removed it), rather than racing a half-done ``rmtree``. A folder already gone is fine.
+    """
+    trash = parts.with_name(f".{parts.name}.removed-{os.getpid()}")
+    try:
+        os.replace(parts, trash)
+    except FileNotFoundError:
+        return
+    except OSError:  # cannot rename (odd file systems): remove in place
+        trash = parts
+    with contextlib.suppress(OSError):
+        shutil.rmtree(trash)
 
 
 def prepare_parts(out: Path, ids: Sequence[str], fingerprint: str, shard_size: int | None, resume: bool,

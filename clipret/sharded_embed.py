@@ -26,7 +26,7 @@ import numpy as np
 from clipret import artifacts, distributed, runtime
 from clipret.artifacts import Embeddings
 from clipret.data.decode import decode_side_for
-from clipret.embed_parts import load_shard, prepare_parts, reusable_shard, shard_path
+from clipret.embed_parts import discard_parts, load_shard, prepare_parts, reusable_shard, shard_path
 from clipret.errors import ClipretError
 from clipret.sharding import shard_bounds, split_contiguous
 from clipret.tta import tta_transform
@@ -87,7 +87,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
 
     def fail_strict(skipped: list[dict[str, str]]) -> None:
         if parts is not None:
-            shutil.rmtree(parts, ignore_errors=True)
+            discard_parts(parts)
         first = skipped[0]
         raise ClipretError(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
                            "nothing written (--strict)")
@@ -120,7 +120,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     skipped = sorted(unlisted + [s for e in shards for s in e.skipped], key=lambda s: s["id"])
     if strict and skipped:
         if parts is not None:
-            shutil.rmtree(parts, ignore_errors=True)
+            discard_parts(parts)
         first = skipped[0]
         distributed.fail_together(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
                                 "nothing written (--strict)", group)
@@ -148,9 +148,9 @@ def _join(shards: list[Embeddings], fingerprint: str, flags: dict[str, Any], ski
 
 def write_shard(parts: Path, n: int, shard: Embeddings, world: int) -> None:
     """Write shard ``n`` into ``parts``. Under several ranks, ``parts`` missing (before the write
-    or during it) means another rank failed ``--strict`` and removed it: :class:`PeerError`, so
-    that rank's error is the only one printed. With one process there is no peer: a write error is
-    this run's own."""
+    or during it) means another rank failed ``--strict`` and removed it (:func:`discard_parts`):
+    :class:`PeerError`, so that rank's error is the only one printed, and the folder is not made
+    again. With one process there is no peer: a write error is this run's own."""
     def removed_by_peer() -> distributed.PeerError | None:
         return distributed.PeerError(f"another rank stopped and removed {parts}") if world > 1 and not parts.is_dir() else None
 
@@ -158,7 +158,7 @@ def write_shard(parts: Path, n: int, shard: Embeddings, world: int) -> None:
         raise gone
     try:
         artifacts.save_embeddings(shard_path(parts, n), shard.vectors, shard.ids, fingerprint=shard.fingerprint,
-                                  skipped=shard.skipped)
+                                  skipped=shard.skipped, mkdir=world == 1)
     except ClipretError:
         if (gone := removed_by_peer()) is not None:  # removed between the check and the write
             raise gone from None

@@ -132,3 +132,5 @@ def test_an_error_on_one_rank_stops_every_rank_with_one_message(gallery, tmp_pat
     assert len(errors) == 1 and "zz.png" in errors[0] and "--strict" in errors[0], r.stderr
     assert "[rank0]:" not in r.stderr and "[rank1]:" not in r.stderr  # no rank died with a traceback of its own
     assert not out.exists() and not out.with_suffix(".json").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "images"]
+    assert leftovers == [], leftovers  # nor OUT.parts/ (made again by a rank still writing), nor its renamed remains

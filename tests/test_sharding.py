@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -173,3 +174,52 @@ def test_a_shard_write_racing_a_peers_strict_cleanup_is_a_peer_error(tmp_path, m
     assert not parts.exists()
     write_shard(parts, 1, shard, world=1)  # one process: no peer to blame, the shard is written
     assert parts.is_dir()
+
+
+def test_a_peer_removing_the_folder_between_a_shards_two_files_is_a_peer_error(tmp_path, monkeypatch):
+    """The peer's cleanup lands after this rank renamed the shard's .npy into place and before its
+    manifest: this rank stops as PeerError and does not make OUT.parts/ again (it used to, and
+    went on writing into a folder the failed run had removed)."""
+    from clipret.artifacts import Embeddings
+    from clipret.distributed import PeerError
+    from clipret.sharded_embed import write_shard
+
+    shard = Embeddings(np.ones((2, 4), dtype=np.float32), ["a.png", "b.png"], fingerprint="f")
+    parts = tmp_path / "g.npy.parts"
+    parts.mkdir()
+    real_replace = os.replace
+
+    def then_peer_removes(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".npy"):
+            shutil.rmtree(parts)
+
+    monkeypatch.setattr(os, "replace", then_peer_removes)
+    with pytest.raises(PeerError):
+        write_shard(parts, 0, shard, world=2)
+    assert not parts.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_discarding_the_parts_folder_takes_it_away_before_deleting_its_files(tmp_path, monkeypatch):
+    """A rank writing a shard must never see OUT.parts/ half deleted (its temp file gone, the
+    folder still there: then its write error would look like its own, a second error line)."""
+    from clipret import embed_parts
+    from clipret.embed_parts import discard_parts
+
+    parts = tmp_path / "g.npy.parts"
+    parts.mkdir()
+    for name in ("run.json", "shard-000000.npy", ".shard-000001.npy.x.tmp"):
+        (parts / name).write_text("x")
+    seen = []
+    real_rmtree = shutil.rmtree
+
+    def watching(path, *args, **kwargs):
+        seen.append(parts.exists())
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(embed_parts.shutil, "rmtree", watching)
+    discard_parts(parts)
+    assert seen == [False]  # the folder's name was gone before any file in it was deleted
+    assert list(tmp_path.iterdir()) == []  # and nothing is left beside it
+    discard_parts(parts)  # already gone (two ranks failing at once): nothing to do
+    assert seen == [False]

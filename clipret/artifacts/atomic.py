@@ -82,18 +82,21 @@ def _is_write_failure(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None, *, mkdir: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     Use this for writers that want a file name (safetensors, faiss). On error
     the temporary file is removed and ``path`` is left untouched. A failed
     write (a full disk, a parent that is a file, no permission) becomes a
     one-line :class:`ClipretError` naming ``path``; ``size_hint`` (bytes) is
-    quoted when the disk is full.
+    quoted when the disk is full. The parent folder is created unless
+    ``mkdir`` is False: then a missing folder is such an error, and a folder
+    another process removed is never silently made again.
     """
     final = Path(path)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if mkdir:
+            final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     except OSError as exc:
         raise write_error(final, exc, size_hint) from None
@@ -120,9 +123,11 @@ def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None) -> I
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "w", size_hint: int | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; it replaces ``path`` only when the block succeeds."""
-    with atomic_path(path, size_hint) as tmp:
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", size_hint: int | None = None, *,
+                mkdir: bool = True) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; it replaces ``path`` only when the block succeeds
+    (``mkdir``: see :func:`atomic_path`)."""
+    with atomic_path(path, size_hint, mkdir=mkdir) as tmp:
         kwargs = {"encoding": "utf-8"} if "b" not in mode else {}
         with open(tmp, mode, **kwargs) as fh:
             yield fh
@@ -154,9 +159,9 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
     return n
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically."""
-    with atomic_open(path, "w") as fh:
+def write_json(path: str | os.PathLike[str], obj: Any, *, mkdir: bool = True) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically (``mkdir``: see :func:`atomic_path`)."""
+    with atomic_open(path, "w", mkdir=mkdir) as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
 

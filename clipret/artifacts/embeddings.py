@@ -84,8 +84,10 @@ def save_embeddings(
     fingerprint: str | None,
     flags: Mapping[str, Any] | None = None,
     skipped: Sequence[Mapping[str, str]] = (),
+    mkdir: bool = True,
 ) -> Path:
     """Write ``path`` (.npy, (N, D) float32) and its manifest, both atomically.
+    ``mkdir=False``: a missing folder is an error, not created (:func:`atomic_path`).
 
     The array is written first and the manifest last. The manifest records
     the array's :func:`array_digest`, so a pair left inconsistent by a kill
@@ -97,7 +99,7 @@ def save_embeddings(
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
         raise ValueError(f"vectors {vectors.shape} do not match {len(ids)} ids")
-    with atomic_open(path, "wb", size_hint=vectors.nbytes) as fh:
+    with atomic_open(path, "wb", size_hint=vectors.nbytes, mkdir=mkdir) as fh:
         np.save(fh, vectors, allow_pickle=False)
     manifest = {
         "format": EMBEDDINGS_FORMAT,
@@ -112,7 +114,7 @@ def save_embeddings(
         "ids": list(ids),
         "skipped": [dict(s) for s in skipped],
     }
-    write_json(manifest_path(path), manifest)
+    write_json(manifest_path(path), manifest, mkdir=mkdir)
     return path
 
 
