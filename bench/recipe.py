@@ -27,6 +27,7 @@ killed run resumes where it stopped (a half-trained run resumes from its checkpo
     python bench/recipe.py --rows default                                      # references and the default only
     python bench/recipe.py --protocols closed --rows aug lr --seeds 0 1        # some ablation rows
     python bench/recipe.py --quick --work /tmp/rq --out /tmp/rq.jsonl          # smoke run (~1 min)
+    python bench/recipe.py --rows default --model bench/configs/fmnist-rn.json  # another network (open_clip config)
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def untrained(prep: fp.Prepared, args: argparse.Namespace) -> Path:
     from clipret.model.build import create_encoder, save_model
     from clipret.train.setup import probe_spec
 
-    folder = prep.run.parent.parent / "untrained" / f"{prep.protocol}-s{prep.seed}"
+    model = args.train.get("model")
+    suffix = f"-{fp.settings_key({'model': json.loads(Path(model).read_text())})}" if model else ""
+    folder = prep.run.parent.parent / "untrained" / f"{prep.protocol}-s{prep.seed}{suffix}"
     if not (folder / "model.safetensors").is_file():
         cfg = fp.train_config(prep.root, folder, prep.seed, **fp.protocol_overrides(prep.protocol, args.train))
         torch.manual_seed(prep.seed)
@@ -299,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--p", type=int, default=10)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--model", type=Path, help="open_clip config JSON of the network (default: "
+                    "bench/configs/fmnist-vit.json, the tiny ViT)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: few images, 1 epoch, a few rows, one seed")
     args = ap.parse_args(argv)
     if args.quick:
@@ -306,6 +311,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seeds, args.final_seeds, args.rows = [0], [0], args.rows or ["head: no BatchNorm", "loss: ArcFace", "tta"]
     args.sizes = fp.Sizes(args.train_per_class, args.query_per_class, args.gallery_per_class)
     args.train = {"epochs": args.epochs, "lr": args.lr, "p": args.p, "k": args.k, "workers": 0}
+    if args.model is not None:
+        if not args.model.is_file():
+            ap.error(f"--model {args.model}: no such file")
+        args.train["model"] = str(args.model.resolve())
     args.work = (args.work or args.out.parent / (args.out.stem + ".work")).resolve()
     return args
 

@@ -103,3 +103,24 @@ def test_quick_run_prints_every_table_and_resumes_from_the_cache(tmp_path: Path)
     assert third.returncode == 0 and " seed 0 " not in third.stdout, third.stdout + third.stderr
     assert not any((tmp_path / "work" / "runs" / run.name).exists() for run in gone)
     assert third.stdout.split("### closed set")[1] == r.stdout.split("### closed set")[1]
+
+
+def test_model_option_trains_and_scores_that_network(tmp_path: Path) -> None:
+    """``--model CONFIG`` swaps the network of every row (the trained runs and the untrained
+    reference), and keys the cache by the config's content: the ViT's rows are not reused."""
+    from conftest import TINY_RN
+
+    src = _fake_patterns(tmp_path / "idx", train_per_class=16, test_per_class=12)
+    base = [sys.executable, str(ROOT / "bench" / "recipe.py"), "--quick", "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "r.jsonl"), "--protocols", "closed", "--rows", "default", "--no-finetune"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "CLIPRET_FASHION_MNIST": str(src), "OMP_NUM_THREADS": "1"}
+    for extra in ([], ["--model", str(TINY_RN)]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, check=False, timeout=300, env=env)
+        assert r.returncode == 0 and " seed 0 " in r.stdout, r.stdout + r.stderr  # trained and scored anew
+    runs = {json.loads((run / "config.json").read_text())["model"]["clip_config"]["vision_cfg"]["layers"].__class__
+            for run in (tmp_path / "work" / "runs").iterdir()}
+    assert runs == {int, list}  # a ViT (layers: 4) and a ResNet (layers: [1, 1, 1, 1]) run
+    untrained = sorted(p.name for p in (tmp_path / "work" / "untrained").iterdir())
+    assert len(untrained) == 2 and untrained[0] == "closed-s0", untrained
+    bad = subprocess.run(base + ["--model", str(tmp_path / "missing.json")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
