@@ -80,3 +80,20 @@ def test_cli_reports_a_skipped_step_and_an_epoch_without_a_finite_loss(tiny_data
     assert len(calls) == 8 and "epoch 1: loss –" in r.output and "skipped the update of step 1" in r.output
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["train_loss"] is None and rows[1]["train_loss"] > 0
+
+
+def test_a_skipped_first_step_does_not_make_pytorch_warn_about_the_scheduler_order(tiny_dataset, tmp_path):
+    """The schedule moves on over a skipped step, so that the LR of step n never depends on how many
+    steps were skipped; on the very first step PyTorch took that for a scheduler called before its
+    optimizer and printed a misleading warning."""
+    import warnings
+
+    from clipret.train.loop import train
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _poison(mp, {0})
+        train(_cfg(tiny_dataset, tmp_path / "run"))
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_steps"] == 1  # the first step was indeed skipped

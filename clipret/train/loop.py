@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,12 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
             f"(up to step {state.step + 1}); those steps left the weights as they were, and {state.out} keeps the last "
             "checkpoint and best model; train again with a lower --lr or a longer --warmup")
     lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
-    state.scheduler.step()
+    if finite:
+        state.scheduler.step()
+    else:  # the schedule moves on over a skipped step; PyTorch would take that for a call out of order
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            state.scheduler.step()
     state.step += 1
     return {"loss": float(loss.detach()) / state.objective.scale, "lr": lr, "head_lr": head_lr, "finite": finite, **info}
 
