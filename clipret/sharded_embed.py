@@ -85,12 +85,13 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     if on_batch is not None and reused:
         on_batch(reused)
 
-    def fail_strict(skipped: list[dict[str, str]]) -> None:
+    def strict_failure(skipped: list[dict[str, str]]) -> str:
+        """Discard ``OUT.parts/`` (--strict writes nothing) and say why, in one line."""
         if parts is not None:
             discard_parts(parts)
         first = skipped[0]
-        raise ClipretError(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
-                           "nothing written (--strict)")
+        return (f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
+                "nothing written (--strict)")
 
     results = embed_shards(encoder, folder, ids, [bounds[n] for n in mine], tta_transform(spec.preprocess, tta),
                            batch_size=batch_size, workers=_loader_workers(workers, n_mine), device=device,
@@ -98,7 +99,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
                            on_batch=on_batch)
     for n, (vectors, kept, skipped) in zip(mine, results):
         if strict and skipped:
-            fail_strict(skipped)
+            raise ClipretError(strict_failure(skipped))
         have[n] = Embeddings(vectors, kept, fingerprint=fingerprint, skipped=skipped)
         if parts is not None:
             write_shard(parts, n, have[n], world)
@@ -119,11 +120,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
 
     skipped = sorted(unlisted + [s for e in shards for s in e.skipped], key=lambda s: s["id"])
     if strict and skipped:
-        if parts is not None:
-            discard_parts(parts)
-        first = skipped[0]
-        distributed.fail_together(f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
-                                "nothing written (--strict)", group)
+        distributed.fail_together(strict_failure(skipped), group)
     result = _join(shards, fingerprint, flags, skipped)
     if not len(result):
         distributed.fail_together(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: "
