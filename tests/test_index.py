@@ -57,11 +57,19 @@ def test_parse_size_rejects_garbage_in_one_line(text):
         ic.parse_size(text)
 
 
-@pytest.mark.parametrize("n", [100, 5_000, 100_000, 1_000_000, 50_000_000])
+@pytest.mark.parametrize("n", [40, 78, 100, 1_000, 2_000, 3_000, 5_000, 100_000, 1_000_000, 50_000_000])
 def test_default_nlist_is_a_power_of_two_with_enough_training_points(n):
+    """Small n too, where the cap n // 39 (1000 -> 25, 2000 -> 51, 3000 -> 76) is not a power of two."""
     nlist = ic.default_nlist(n)
-    assert nlist & (nlist - 1) == 0 and n // nlist >= 39
+    assert nlist >= 1 and nlist & (nlist - 1) == 0
+    assert nlist == 1 or n // nlist >= 39
     assert ic.default_nprobe(nlist) <= nlist
+
+
+@pytest.mark.parametrize("n, nlist", [(40, 1), (100, 2), (1_000, 16), (2_000, 32), (3_000, 64), (100_000, 1024),
+                                      (1_000_000, 4096)])
+def test_default_nlist_is_the_power_of_two_nearest_4_sqrt_n_halved_to_fit(n, nlist):
+    assert ic.default_nlist(n) == nlist
 
 
 def test_auto_without_budget_is_flat_below_the_threshold_then_the_best_expected_recall():

@@ -1,9 +1,10 @@
 """An index pair: ``gallery.faiss`` (a FAISS index) and its sidecar ``gallery.faiss.json``.
 
-The sidecar holds the ids in index order, the index type and parameters, dim,
-count, the embeddings' model fingerprint and flags (TTA, DBA), the clipret
-version, the removal bookkeeping and a **generation**: a random token made
-anew by every write.
+The sidecar holds the ids in index order, the index type and parameters, the
+embeddings' model fingerprint and flags (TTA, DBA), the clipret version, the
+removal bookkeeping, what the index is (``faiss_class``, ``metric``, ``dim``,
+``ntotal``), the sha256 of its FAISS bytes (``faiss_sha256``) and a
+**generation**: a random token made anew by every write.
 
 How the pair stays consistent (a crash leaves the old pair or the new pair)
 ---------------------------------------------------------------------------
@@ -16,32 +17,52 @@ generation ties the two together:
    the FAISS part (FAISS's reader stops where its data ends and never sees it);
 3. the pending sidecar is renamed over ``gallery.faiss.json``.
 
-:func:`read_index_pair` compares the index trailer's generation with the
+:func:`read_sidecar` compares the index trailer's generation with the
 sidecar's. If they differ, a crash happened between steps 2 and 3: the
 pending sidecar, which carries the index's generation, is renamed into
 place (rolled forward) and the new pair is read. A crash before step 2
 leaves the old pair plus a stale pending file, which is ignored and later
-overwritten. The check reads 64 bytes, so opening a large index costs no
-hashing. One writer at a time: concurrent writers to one pair are not
-supported.
+overwritten. Writers hold an exclusive lock (:func:`index_lock`), so a second
+writer waits for the first; a reader rolls forward only when it can take the
+lock at once, and step 3 accepts a sidecar a reader already put in place.
+
+What a load trusts (:func:`read_index_pair`)
+--------------------------------------------
+Nothing in the index file. Before FAISS parses a byte, the FAISS part must
+have the length and sha256 the sidecar recorded (an older sidecar without
+``faiss_sha256`` skips this). After, :func:`check_index` compares the index
+with its sidecar: class and metric for its type, dim, vector count and every
+label (each live row of the sidecar, exactly once). Either mismatch is a
+one-line :class:`ClipretError`. The hash costs one read of the file (about a
+second a GB); ``--info`` reads only the sidecar.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import struct
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
-from clipret.artifacts.atomic import _fsync_dir, atomic_path, read_json, write_json
+from clipret.artifacts.atomic import _fsync_dir, atomic_path, read_json, write_error, write_json
 from clipret.errors import ClipretError
 
 INDEX_FORMAT = "clipret.index/1"
+INDEX_CLASSES = {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQ"}
+LOCK_TIMEOUT_ENV = "CLIPRET_INDEX_LOCK_TIMEOUT"
+LOCK_TIMEOUT = 600.0  # seconds a writer waits for another one
 _MAGIC = b"CLIPRET-INDEX-GENERATION"  # 24 bytes
 _TRAILER = struct.Struct("<24s32sQ")  # magic, generation (32 hex digits), length of the faiss bytes
 TRAILER_SIZE = _TRAILER.size  # 64
+_WRITTEN = ("format", "generation", "faiss_bytes", "faiss_sha256", "faiss_class", "metric", "dim", "ntotal")
+_held: set[tuple[int, Path]] = set()  # (thread, lock file) now held: the holder may take its lock again
 
 
 def sidecar_path(index_path: str | os.PathLike[str]) -> Path:
@@ -56,83 +77,294 @@ def pending_path(index_path: str | os.PathLike[str]) -> Path:
     return p.with_name(f".{p.name}.json.pending")
 
 
+def lock_path(index_path: str | os.PathLike[str]) -> Path:
+    """The writers' lock file: ``.gallery.faiss.lock`` (left in place; only its ``flock`` matters)."""
+    p = Path(index_path)
+    return p.with_name(f".{p.name}.lock")
+
+
 def new_generation() -> str:
     """32 random hex digits."""
     return uuid.uuid4().hex
 
 
-def write_index_pair(index_path: str | os.PathLike[str], index: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
-    """Write ``index`` (a faiss.Index) and ``sidecar`` as a consistent pair; return the sidecar as written.
+def lock_timeout() -> float:
+    """Seconds a writer waits for the lock: ``CLIPRET_INDEX_LOCK_TIMEOUT``, else ``LOCK_TIMEOUT``."""
+    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    try:
+        return float(text) if text else LOCK_TIMEOUT
+    except ValueError:
+        raise ClipretError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
 
-    Sets ``format``, ``generation`` and ``faiss_bytes`` in the sidecar (any old values are replaced).
+
+@contextlib.contextmanager
+def index_lock(index_path: str | os.PathLike[str], *, timeout: float | None = None, create: bool = False) -> Iterator[None]:
+    """Hold the exclusive writers' lock of an index pair (``flock`` on :func:`lock_path`).
+
+    Waits up to ``timeout`` seconds (default :func:`lock_timeout`), then raises a one-line
+    :class:`ClipretError`. A thread that holds the lock may take it again. Without ``create`` (a
+    build) a missing index is a one-line error, and no lock file is left beside it.
+    """
+    import fcntl
+
+    path = lock_path(index_path).absolute()
+    key = (threading.get_ident(), path)
+    if key in _held:
+        yield
+        return
+    wait = lock_timeout() if timeout is None else timeout
+    if not create and not Path(index_path).is_file():
+        raise _not_found(Path(index_path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ClipretError(f"another process is changing {index_path} (waited {wait:g} s for {path.name}); "
+                                       f"let it finish and rerun, or set {LOCK_TIMEOUT_ENV} to wait longer") from None
+                time.sleep(0.05)
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def write_index_pair(index_path: str | os.PathLike[str], index: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """Write ``index`` (a faiss.Index) and ``sidecar`` as a consistent pair, under the lock; return the sidecar as written.
+
+    Sets ``format``, ``generation``, ``faiss_bytes``, ``faiss_sha256`` and, from ``index``,
+    ``faiss_class``, ``metric``, ``dim`` and ``ntotal`` (any old values are replaced).
     """
     import faiss
 
     index_path = Path(index_path)
-    body = {k: v for k, v in sidecar.items() if k not in ("format", "generation", "faiss_bytes")}
-    meta = {"format": INDEX_FORMAT, "generation": new_generation(), "faiss_bytes": 0, **body}
-    pending = pending_path(index_path)
-    with atomic_path(index_path) as tmp:
-        faiss.write_index(index, str(tmp))
-        size = tmp.stat().st_size
-        meta["faiss_bytes"] = size
-        write_json(pending, meta)  # step 1 (the index is not yet in place)
-        with open(tmp, "ab") as fh:  # the trailer that ties this file to `meta`
-            fh.write(_TRAILER.pack(_MAGIC, meta["generation"].encode("ascii"), size))
-    # step 2 happened when atomic_path renamed the index into place
-    os.replace(pending, sidecar_path(index_path))  # step 3
-    _fsync_dir(index_path.parent)
+    body = {k: v for k, v in sidecar.items() if k not in _WRITTEN}
+    meta = {"format": INDEX_FORMAT, "generation": new_generation(), "faiss_bytes": 0, "faiss_sha256": "",
+            "faiss_class": faiss_class(index), "metric": metric_name(index.metric_type), "dim": int(index.d),
+            "ntotal": int(index.ntotal), **body}
+    with index_lock(index_path, create=True):
+        with atomic_path(index_path) as tmp:
+            faiss.write_index(index, str(tmp))
+            with open(tmp, "rb") as fh:
+                meta["faiss_bytes"], meta["faiss_sha256"] = _digest(fh)
+            write_json(pending_path(index_path), meta)  # step 1 (the index is not yet in place)
+            with open(tmp, "ab") as fh:  # the trailer that ties this file to `meta`
+                fh.write(_TRAILER.pack(_MAGIC, meta["generation"].encode("ascii"), meta["faiss_bytes"]))
+        # step 2 happened when atomic_path renamed the index into place
+        _commit(index_path, meta)  # step 3
     return meta
 
 
-def read_trailer(index_path: Path) -> tuple[str, int] | None:
-    """(generation, faiss byte count) from the index file's trailer, or None if it has none."""
+def _commit(index_path: Path, meta: dict[str, Any]) -> None:
+    """Step 3: rename the pending sidecar into place; fine if a reader rolled this write forward already."""
+    side = sidecar_path(index_path)
     try:
-        with open(index_path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            total = fh.tell()
-            if total < TRAILER_SIZE:
-                return None
-            fh.seek(total - TRAILER_SIZE)
-            magic, gen, size = _TRAILER.unpack(fh.read(TRAILER_SIZE))
+        os.replace(pending_path(index_path), side)
     except FileNotFoundError:
-        raise ClipretError(f"index not found: {index_path}; build it with `clipret index EMBEDDINGS.npy --out {index_path}`") from None
+        done = _json_or_none(side, "index sidecar")
+        if not isinstance(done, dict) or done.get("generation") != meta["generation"]:
+            raise ClipretError(f"another process replaced {side} while {index_path} was written; "
+                               "rebuild the index, and let one process change it at a time") from None
+    _fsync_dir(index_path.parent)
+
+
+def _digest(fh: IO[bytes], size: int | None = None) -> tuple[int, str]:
+    """(bytes read, sha256 hex digest) of ``fh`` from where it stands: ``size`` bytes, or to the end."""
+    h, done = hashlib.sha256(), 0
+    while size is None or done < size:
+        block = fh.read(1 << 20 if size is None else min(1 << 20, size - done))
+        if not block:
+            break
+        h.update(block)
+        done += len(block)
+    return done, h.hexdigest()
+
+
+def _not_found(index_path: Path) -> ClipretError:
+    return ClipretError(f"index not found: {index_path}; build it with `clipret index EMBEDDINGS.npy --out {index_path}`")
+
+
+def _trailer(fh: IO[bytes]) -> tuple[str, int] | None:
+    """(generation, faiss byte count) from an open index file's trailer, or None if it has none."""
+    total = fh.seek(0, os.SEEK_END)
+    if total < TRAILER_SIZE:
+        return None
+    fh.seek(total - TRAILER_SIZE)
+    magic, gen, size = _TRAILER.unpack(fh.read(TRAILER_SIZE))
     if magic != _MAGIC or size != total - TRAILER_SIZE:
         return None
     return gen.decode("ascii", errors="replace"), size
 
 
+def _open_index_file(index_path: Path) -> tuple[IO[bytes], tuple[str, int]]:
+    """The index file, open for reading, and its trailer; a missing file or trailer is a one-line error."""
+    try:
+        fh = open(index_path, "rb")
+    except FileNotFoundError:
+        raise _not_found(index_path) from None
+    trailer = _trailer(fh)
+    if trailer is None:
+        fh.close()
+        raise ClipretError(f"{index_path} is not an index written by `clipret index` (no generation trailer); rebuild it")
+    return fh, trailer
+
+
+def _generation(index_path: Path) -> str:
+    """The generation in the index file's trailer."""
+    fh, (generation, _) = _open_index_file(index_path)
+    fh.close()
+    return generation
+
+
+def _json_or_none(path: Path, what: str) -> Any:
+    """The JSON in ``path``, or None when there is no such file (invalid JSON is a one-line error)."""
+    try:
+        return read_json(path, what)
+    except ClipretError:
+        if path.exists():
+            raise
+        return None
+
+
 def read_sidecar(index_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The sidecar of a consistent pair (rolling an interrupted write forward first); the index is not loaded."""
     index_path = Path(index_path)
-    trailer = read_trailer(index_path)
-    if trailer is None:
-        raise ClipretError(f"{index_path} is not an index written by `clipret index` (no generation trailer); rebuild it")
-    generation, _ = trailer
     side, pending = sidecar_path(index_path), pending_path(index_path)
-    meta = read_json(side, "index sidecar") if side.is_file() else None
-    if meta is None or meta.get("generation") != generation:
-        nxt = read_json(pending, "pending index sidecar") if pending.is_file() else None
-        if nxt is None or nxt.get("generation") != generation:
-            raise ClipretError(f"{index_path} and {side.name} do not belong to the same write; rebuild the index")
-        with contextlib.suppress(OSError):  # roll forward; read-only folders just use the pending copy
-            os.replace(pending, side)
-            _fsync_dir(index_path.parent)
-        meta = nxt
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or not isinstance(meta.get("ids"), list):
+    for _ in range(3):  # a writer may finish step 3 between the reads below: then look again
+        generation = _generation(index_path)
+        meta = _json_or_none(side, "index sidecar")
+        if isinstance(meta, dict) and meta.get("generation") == generation:
+            break
+        nxt = _json_or_none(pending, "pending index sidecar")
+        if isinstance(nxt, dict) and nxt.get("generation") == generation:
+            meta = nxt
+            _roll_forward(index_path, generation)
+            break
+    else:
+        raise ClipretError(f"{index_path} and {side.name} do not belong to the same write; rebuild the index")
+    if meta.get("format") != INDEX_FORMAT or not isinstance(meta.get("ids"), list):
         raise ClipretError(f"{side} is not a clipret index sidecar ({INDEX_FORMAT}); rebuild the index")
     return meta
 
 
+def _roll_forward(index_path: Path, generation: str) -> None:
+    """Rename the pending sidecar of ``generation`` into place, unless a writer holds the lock (it will) or
+    the folder is read-only (readers then keep using the pending copy)."""
+    with contextlib.suppress(ClipretError, OSError), index_lock(index_path, timeout=0):
+        pending = pending_path(index_path)
+        nxt = _json_or_none(pending, "pending index sidecar")
+        if isinstance(nxt, dict) and nxt.get("generation") == generation == _generation(index_path):
+            os.replace(pending, sidecar_path(index_path))
+            _fsync_dir(index_path.parent)
+
+
 def read_index_pair(index_path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
-    """(faiss.Index, sidecar dict) of a consistent pair; see the module docstring."""
+    """(faiss.Index, sidecar dict) of a consistent pair whose index matches its sidecar; see the module docstring."""
     import faiss
 
-    meta = read_sidecar(index_path)
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as exc:
-        raise ClipretError(f"cannot read {index_path} as a FAISS index ({str(exc).splitlines()[0][:120]}); rebuild it") from None
-    if index.d != meta.get("dim"):
-        raise ClipretError(f"{index_path} has dim {index.d} but its sidecar says {meta.get('dim')}; rebuild the index")
+    index_path = Path(index_path)
+    for _ in range(3):  # a writer may replace the index between reading the sidecar and opening the file
+        meta = read_sidecar(index_path)
+        fh, (generation, size) = _open_index_file(index_path)
+        if generation == meta["generation"]:
+            break
+        fh.close()
+    else:
+        raise ClipretError(f"{index_path} kept changing while it was read; rerun when no other process is writing it")
+    with fh:
+        if size != meta.get("faiss_bytes"):
+            raise ClipretError(f"{index_path} holds {size} bytes of FAISS data but its sidecar says "
+                               f"{meta.get('faiss_bytes')}; rebuild the index")
+        fh.seek(0)
+        if meta.get("faiss_sha256") and _digest(fh, size)[1] != meta["faiss_sha256"]:
+            raise ClipretError(f"{index_path} does not match the sha256 in its sidecar (corrupt, or changed by "
+                               "another program); rebuild the index")
+        fh.seek(0)
+        left = [size]
+
+        def read(n: int) -> bytes:  # FAISS reads this handle (the bytes just hashed), never past its own part
+            block = fh.read(min(n, left[0]))
+            left[0] -= len(block)
+            return block
+
+        try:
+            index = faiss.read_index(faiss.PyCallbackIOReader(read))
+        except RuntimeError as exc:
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", " ".join(str(exc).split()))[:120]
+            raise ClipretError(f"cannot read {index_path} as a FAISS index ({reason}); rebuild it") from None
+    check_index(index, meta, index_path)
     return index, meta
+
+
+def faiss_class(index: Any) -> str:
+    """The class ``faiss.read_index`` gives ``index`` back as (a flat index reads back as IndexFlatIP or IndexFlatL2)."""
+    import faiss
+
+    name = type(faiss.downcast_index(index)).__name__
+    if name == "IndexFlat":
+        return {faiss.METRIC_INNER_PRODUCT: "IndexFlatIP", faiss.METRIC_L2: "IndexFlatL2"}.get(index.metric_type, name)
+    return name
+
+
+def metric_name(metric_type: int) -> str:
+    import faiss
+
+    return {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}.get(metric_type, f"faiss metric {metric_type}")
+
+
+def check_index(index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse, in one line, a loaded ``index`` that does not match its sidecar ``meta``.
+
+    Checks the class for the sidecar's ``type``, the inner-product metric, dim, the vector count
+    (live ids + HNSW tombstones = ``label_count`` - IVF holes = ``ntotal``) and the labels: every
+    IVF list entry a live label below ``label_count``, each once. Flat and HNSW labels are positions
+    below ``ntotal`` (FAISS's reader checks HNSW links).
+    """
+    import faiss
+    import numpy as np
+
+    def refuse(what: str) -> NoReturn:
+        raise ClipretError(f"{path} {what}; rebuild the index")
+
+    kind, cls, metric = meta.get("type"), type(index).__name__, metric_name(index.metric_type)
+    if cls != INDEX_CLASSES.get(kind) or meta.get("faiss_class", cls) != cls:
+        said = meta["faiss_class"] if cls == INDEX_CLASSES.get(kind) else f"a {kind} index ({INDEX_CLASSES.get(kind)})"
+        refuse(f"is a FAISS {cls} but its sidecar describes {said}")
+    if metric != "inner_product" or meta.get("metric", metric) != metric:
+        refuse(f"uses the {metric} metric (its sidecar says {meta.get('metric')}), not the inner product")
+    if index.d != meta.get("dim"):
+        refuse(f"has dim {index.d} but its sidecar says {meta.get('dim')}")
+    label_count = meta.get("label_count")
+    try:
+        gone = [np.asarray(meta.get(k, []), dtype=np.int64).reshape(-1) for k in ("holes", "tombstones")]
+    except (TypeError, ValueError):
+        refuse("has a sidecar whose holes or tombstones are not lists of labels")
+    live = len(meta["ids"])
+    stored = live + gone[1].size  # tombstoned vectors stay in an HNSW graph
+    if (not isinstance(label_count, int) or meta.get("count") != live or label_count - gone[0].size != stored
+            or index.ntotal != stored or meta.get("ntotal", stored) != stored
+            or any(g.size and (g.min() < 0 or g.max() >= label_count or np.unique(g).size != g.size) for g in gone)):
+        refuse(f"holds {index.ntotal} vectors but its sidecar accounts for {stored} ({live} ids, {gone[1].size} tombstones)")
+    if kind in ("ivf", "ivfpq"):
+        lists, seen, total = faiss.extract_index_ivf(index).invlists, np.zeros(label_count, dtype=bool), 0
+        for i in range(lists.nlist):
+            n = lists.list_size(i)
+            labels = faiss.rev_swig_ptr(lists.get_ids(i), n) if n else np.zeros(0, dtype=np.int64)
+            bad = labels[(labels < 0) | (labels >= label_count)]
+            if bad.size:
+                refuse(f"stores label {bad[0]}, which is no row of its sidecar (0 to {label_count - 1})")
+            seen[labels] = True
+            total += n
+        if total != index.ntotal or int(seen.sum()) != total or seen[gone[0]].any():
+            refuse("stores a label twice, or one its sidecar lists as removed")

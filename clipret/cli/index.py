@@ -16,6 +16,7 @@ from clipret.cli import _console
 from clipret.cli._options import Json, Seed
 
 _Int = Optional[int]
+_NO_CHECKSUM = "none (an older clipret wrote it: loading checks its structure, not its bytes; --add or a rebuild records one)"
 
 
 @_console.handle_errors
@@ -163,6 +164,7 @@ def _print_info(path: Path, as_json: bool) -> None:
             ("memory", format_size(info["memory_bytes"])), ("fingerprint", str(info["model_fingerprint"])),
             ("flags", json.dumps(info["flags"])), ("params", params),
             ("removed", f"{info['tombstones']} tombstones ({info['tombstone_fraction']:.1%}), {info['holes']} holes"),
+            ("checksum", f"sha256 {info['faiss_sha256'][:16]}…" if info["faiss_sha256"] else _NO_CHECKSUM),
             ("clipret", str(info["clipret_version"]))]
     for key, value in rows:
         table.add_row(key, escape(value))

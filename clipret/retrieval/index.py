@@ -183,12 +183,14 @@ def is_index_path(path: str | os.PathLike[str]) -> bool:
 
 def open_index(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_search: int | None = None,
                threads: int | None = None, gpu: bool | None = None) -> IndexGallery:
-    """Load an index pair for searching (raises :class:`ClipretError` with one line on any problem)."""
+    """Load an index pair for searching (raises :class:`ClipretError` with one line on any problem).
+
+    The index is checked against its sidecar first (bytes, class, metric, counts, labels: see
+    :func:`~clipret.artifacts.index.read_index_pair`), so every row a search returns is a valid id.
+    """
     import_faiss()
     set_threads(threads)
     index, meta = read_index_pair(path)
-    if index.ntotal - len(meta.get("tombstones", [])) != meta["count"] or len(meta["ids"]) != meta["count"]:
-        raise ClipretError(f"{path} holds {index.ntotal} vectors but its sidecar lists {len(meta['ids'])} ids; rebuild the index")
     searcher = IndexSearcher(index, meta, nprobe=nprobe, ef_search=ef_search, gpu=gpu)
     return IndexGallery(searcher, meta["ids"], meta, Path(path))
 

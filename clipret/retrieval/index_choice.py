@@ -76,12 +76,14 @@ def format_size(n: float) -> str:
 
 
 def default_nlist(n: int) -> int:
-    """About 4·sqrt(N) cells, a power of two, with at least 39 training points a cell."""
-    if n < 39 * 2:
-        return 1
-    target = 4 * math.sqrt(n)
-    nlist = 2 ** round(math.log2(target))
-    return max(1, min(nlist, n // 39))
+    """The power of two nearest 4·sqrt(N) cells, halved until each cell has at least 39 training points.
+
+    1000 vectors: 4·sqrt(1000) ≈ 126 -> 128, halved to 16 (1000 // 39 = 25 cells at most); below 78 vectors, 1.
+    """
+    nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    while nlist > 1 and nlist * 39 > n:
+        nlist //= 2
+    return nlist
 
 
 def default_nprobe(nlist: int) -> int:
