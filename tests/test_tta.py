@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from clipret.cli import app
 from clipret.errors import ClipretError
-from clipret.tta import SCALES, TTAViews, n_views, parse_tta, tta_transform
+from clipret.tta import SCALES, ScaledView, TTAViews, n_views, parse_tta, tta_transform
 from conftest import TINY_VIT
 
 PRE = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -57,6 +57,49 @@ def test_views_are_the_plain_view_its_mirror_and_two_rescaled_crops():
     assert tta_transform(PRE, "flip")(img).shape == (2, 3, 32, 32)
 
 
+def _reference_scaled(pre, scale, img):
+    """The scaled view built from open_clip's own resize steps with a target ``scale`` times the input size."""
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+    from torchvision import transforms as T
+
+    h, w = (pre["size"], pre["size"]) if isinstance(pre["size"], int) else pre["size"]
+    interp = T.InterpolationMode.BILINEAR if pre["interpolation"] == "bilinear" else T.InterpolationMode.BICUBIC
+    if pre["resize_mode"] == "squash":
+        resize = T.Resize((round(h * scale), round(w * scale)), interpolation=interp)
+    elif pre["resize_mode"] == "shortest" and h == w:
+        resize = T.Resize(round(h * scale), interpolation=interp)
+    elif pre["resize_mode"] == "shortest":  # open_clip's non-square shortest: ResizeKeepRatio's default (bicubic)
+        resize = ResizeKeepRatio((h * scale, w * scale))
+    else:
+        resize = ResizeKeepRatio((h * scale, w * scale), longest=1, interpolation=interp)
+    return T.Compose([resize, CenterCropOrPad((h, w), fill=pre["fill_color"]), T.ToTensor(),
+                      T.Normalize(pre["mean"], pre["std"])])(img)
+
+
+@pytest.mark.parametrize("size", [32, [32, 48], [40, 24]])  # open_clip takes a non-square (H, W) input too
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_scaled_views_for_every_resize_mode_have_the_model_input_size(mode, size):
+    """SigLIP, CLIPA and DFN tags use ``longest``/``squash``: every view is built, at the exact input size."""
+    h, w = (size, size) if isinstance(size, int) else size
+    for interpolation, fill in (("bicubic", 0), ("bilinear", 200)):
+        pre = {**PRE, "size": size, "resize_mode": mode, "interpolation": interpolation, "fill_color": fill}
+        plain = tta_transform(pre, None)
+        for img_size in ((40, 40), (50, 37), (23, 61), (100, 33)):  # (W, H): square, wide, tall, very wide
+            img = _img(sum(img_size), img_size)
+            views = tta_transform(pre, "flip,scales")(img)
+            assert views.shape == (4, 3, h, w)
+            torch.testing.assert_close(views[0], plain(img), atol=0, rtol=0)
+            torch.testing.assert_close(ScaledView(plain, pre, 1.0)(img), plain(img), atol=0, rtol=0)  # unscaled = plain
+            for view, s in zip(views[2:], SCALES):
+                torch.testing.assert_close(view, _reference_scaled(pre, s, img), atol=1e-5, rtol=0)
+                assert not torch.allclose(view, views[0])
+
+
+def test_an_unknown_resize_mode_is_refused_in_one_line():
+    with pytest.raises(ClipretError, match=r"resize_mode 'crop'.*use --tta flip"):
+        ScaledView(lambda img: img, {**PRE, "resize_mode": "crop"}, 1.15)
+
+
 def test_embed_images_averages_view_embeddings_and_renormalises(tmp_path):
     from clipret.inference import embed_images
     from clipret.model.build import open_encoder
@@ -65,7 +108,7 @@ def test_embed_images_averages_view_embeddings_and_renormalises(tmp_path):
         _img(i).save(tmp_path / f"{i}.png")
     ids = ["0.png", "1.png", "2.png"]
     encoder, spec, _ = open_encoder(str(TINY_VIT), "none")
-    got, kept, _ = embed_images(encoder, tmp_path, ids, TTAViews(tta_transform(spec.preprocess, None), 32, "flip"),
+    got, kept, _ = embed_images(encoder, tmp_path, ids, TTAViews(tta_transform(spec.preprocess, None), "flip"),
                                 batch_size=2)
     assert kept == ids
     plain = tta_transform(spec.preprocess, None)

@@ -130,13 +130,14 @@ def prepare_rerank(
     )
 
 
-def rerank_distance_block(batch: RerankBatch, start: int, stop: int) -> np.ndarray:
+def rerank_distance_block(batch: RerankBatch, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
     """(stop - start, G) float32 final distances of queries start..stop-1 over the whole gallery.
 
     Lower is better; rank with the shared rule by passing ``-block`` as
-    scores. For evaluation: hold one block at a time, never all Q x G.
+    scores. For evaluation: hold one block at a time, never all Q x G;
+    pass a reused (stop - start, G) float32 ``out`` to allocate none.
     """
-    return batch.distance_block(start, stop)
+    return batch.distance_block(start, stop, out)
 
 
 def k_reciprocal_rerank(

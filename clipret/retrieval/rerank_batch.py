@@ -92,18 +92,21 @@ class RerankBatch:
     def n_gallery(self) -> int:
         return int(self.gallery.shape[0])
 
-    def _blocks(self, chunk: int | None) -> np.ndarray:
-        """Query block boundaries: ``chunk`` rows, or blocks within the scratch and gather budgets."""
-        nq = self.query.shape[0]
+    def _blocks(self, chunk: int | None, start: int = 0, stop: int | None = None, cells: int = _SCRATCH,
+                gather: int = _GATHER) -> np.ndarray:
+        """Query block boundaries over start..stop: ``chunk`` rows, or blocks of at most ``cells``
+        (rows x G) scratch entries and about ``gather`` inverted-index entries (at least one row each)."""
+        stop = self.query.shape[0] if stop is None else stop
         if chunk is not None:
-            return np.r_[np.arange(0, nq, chunk), nq]
-        ip, cols = self.v_query.indptr, self.v_query.indices
-        work = np.r_[0, np.cumsum(self.inv_ptr[cols + 1] - self.inv_ptr[cols])][ip]  # gathered entries so far
-        starts, rows = [0], max(1, _SCRATCH // self.n_gallery)
-        while starts[-1] < nq:
+            return np.r_[np.arange(start, stop, chunk), stop]
+        ip = self.v_query.indptr[start : stop + 1]
+        cols = self.v_query.indices[ip[0] : ip[-1]]
+        work = np.r_[0, np.cumsum(self.inv_ptr[cols + 1] - self.inv_ptr[cols])][ip - ip[0]]  # gathered before each row
+        starts, rows = [start], max(1, cells // self.n_gallery)
+        while starts[-1] < stop:
             a = starts[-1]
-            b = int(np.searchsorted(work, work[a] + _GATHER, side="right")) - 1
-            starts.append(min(nq, a + rows, max(a + 1, b)))
+            b = start + int(np.searchsorted(work, work[a - start] + gather, side="right")) - 1
+            starts.append(min(stop, a + rows, max(a + 1, b)))
         return np.asarray(starts)
 
     def _overlap(self, a: int, b: int, acc: np.ndarray) -> None:
@@ -116,13 +119,42 @@ class RerankBatch:
         key = np.repeat(rows, lengths) * self.n_gallery + self.inv_rows[at]
         np.add.at(acc, key, np.minimum(np.repeat(vals, lengths), self.inv_vals[at]))
 
-    def distance_block(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, G) float32 final distances of queries start..stop-1 to the whole gallery."""
+    def distance_block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(stop - start, G) float32 final distances of queries start..stop-1 to the whole gallery.
+
+        Written into ``out`` (a C-contiguous (stop - start, G) float32 array, reused across
+        calls) or a new array. Memory besides it: one scratch of at most an eighth of the block
+        (and at most 32 MiB) and the inverted-index entries gathered for that many rows.
+        """
         c, g = stop - start, self.n_gallery
-        acc = np.zeros(c * g, dtype=np.float32)
-        self._overlap(start, stop, acc)
-        scores = np.ascontiguousarray(self.query[start:stop]) @ np.asarray(self.gallery).T
-        return final_distance(acc.reshape(c, g), original_distance(scores, self.max_dist[start:stop, None]), self.lam)
+        if out is None:
+            out = np.empty((c, g), dtype=np.float32)
+        elif out.shape != (c, g) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous ({c}, {g}) float32 array, got {out.shape} {out.dtype}")
+        cells = min(_SCRATCH, max(g, c * g // 8))
+        starts = self._blocks(None, start, stop, cells=cells, gather=cells // 8)
+        scratch = np.empty(int(np.diff(starts).max(initial=0)) * g, dtype=np.float32)
+        gallery_t = np.asarray(self.gallery).T
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            part, jac = out[a - start : b - start], scratch[: (b - a) * g].reshape(b - a, g)
+            part.fill(0)
+            self._overlap(a, b, part.reshape(-1))
+            # the same float32 operations as final_distance, in place: (1 - lam) * (1 - m / (2 - m))
+            # (exactly 1 at m = 0) plus lam * original distance
+            np.subtract(np.float32(2), part, out=jac)
+            np.divide(part, jac, out=jac)
+            np.subtract(np.float32(1), jac, out=jac)
+            np.multiply(jac, np.float32(1.0 - self.lam), out=jac)
+            np.matmul(self.query[a:b], gallery_t, out=part)
+            md = self.max_dist[a:b, None]
+            np.multiply(part, np.float32(2), out=part)
+            np.subtract(np.float32(2), part, out=part)
+            np.maximum(part, np.float32(0), out=part)
+            np.divide(part, md, out=part, where=md > 0)
+            part[md[:, 0] <= 0] = 0
+            np.multiply(part, np.float32(self.lam), out=part)
+            np.add(jac, part, out=part)
+        return out
 
     def topk(
         self, k: int, chunk: int | None = None, on_progress: Callable[[int], None] | None = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from clipret.retrieval.ranking import merge_topk, sort_neighbors
 from clipret.retrieval.rerank_selfknn import symmetric_knn
-from clipret.retrieval.search import Searcher
+from clipret.retrieval.search import ExactSearcher, Searcher
 
 EXACT = "exact"
 
@@ -40,6 +40,8 @@ class GalleryGraph:
     dim: the embedding dimension the graph was built from.
     method: ``"exact"`` for the built-in exact search, else the searcher's
         class name (an approximate index gives an approximate graph).
+    filled: rows the searcher returned short (fewer than m neighbours), whose
+        lists came from exact search instead (not stored in the cache file).
     """
 
     indices: np.ndarray
@@ -47,6 +49,7 @@ class GalleryGraph:
     min_scores: np.ndarray
     dim: int
     method: str = EXACT
+    filled: int = 0
 
     @property
     def count(self) -> int:
@@ -61,7 +64,7 @@ class GalleryGraph:
         m = min(m, self.count)
         if m > self.neighbors:
             raise ValueError(f"graph holds {self.neighbors} neighbours per item, {m} needed")
-        return GalleryGraph(self.indices[:, :m], self.scores[:, :m], self.min_scores, self.dim, self.method)
+        return GalleryGraph(self.indices[:, :m], self.scores[:, :m], self.min_scores, self.dim, self.method, self.filled)
 
     def check(self, gallery: np.ndarray, m: int) -> None:
         """Raise ValueError unless this graph belongs to a gallery of this shape and holds ``m`` neighbours."""
@@ -86,8 +89,11 @@ def build_gallery_graph(
     Without ``searcher`` the lists and the smallest similarities come from one
     exact chunked pass. A ``searcher`` over the same gallery (for example a
     FAISS index) supplies the lists instead, and the smallest similarity of x
-    is found as minus the best score of -x. ``on_progress`` receives the
-    number of gallery rows finished (G in total).
+    is found as minus the best score of -x. An approximate index may return
+    fewer neighbours than asked (row -1: IVF at a low nprobe, HNSW after many
+    removals): such a row's list and smallest similarity come from exact
+    search instead, so that row equals the exact graph's (:func:`fill_short_rows`).
+    ``on_progress`` receives the number of gallery rows finished (G in total).
     """
     m = min(graph_neighbors(k1, k2), gallery.shape[0])
     if searcher is None:
@@ -97,18 +103,44 @@ def build_gallery_graph(
     idx = np.empty((g, m), dtype=np.int64)
     scores = np.empty((g, m), dtype=np.float32)
     mins = np.empty(g, dtype=np.float32)
+    filled = 0
     step = chunk or 4096
     for r0 in range(0, g, step):
         rows = np.ascontiguousarray(gallery[r0 : r0 + step], dtype=np.float32)
-        s, i = searcher.search(rows, m)
-        if s.shape != (rows.shape[0], m) or (np.asarray(i) < 0).any():
-            raise ValueError(f"searcher returned {s.shape} scores (or missing neighbours) for {rows.shape[0]} rows, k={m}")
-        scores[r0 : r0 + len(rows)], idx[r0 : r0 + len(rows)] = sort_neighbors(np.asarray(s, np.float32), np.asarray(i, np.int64))
-        far, _ = searcher.search(-rows, 1)
-        mins[r0 : r0 + len(rows)] = -np.asarray(far, np.float32)[:, 0]
+        s, i = (np.asarray(a) for a in searcher.search(rows, m))
+        far_s, far_i = (np.asarray(a) for a in searcher.search(-rows, 1))
+        if s.shape != (rows.shape[0], m) or i.shape != s.shape or far_i.shape != (rows.shape[0], 1):
+            raise ValueError(f"searcher returned {s.shape} scores for {rows.shape[0]} rows, k={m}")
+        s, i, far, n = fill_short_rows(gallery, rows, s.astype(np.float32), i.astype(np.int64), far_s[:, 0], far_i[:, 0])
+        filled += n
+        scores[r0 : r0 + len(rows)], idx[r0 : r0 + len(rows)] = sort_neighbors(s, i)
+        mins[r0 : r0 + len(rows)] = -far
         if on_progress is not None:
             on_progress(len(rows))
-    return GalleryGraph(idx, scores, mins, int(gallery.shape[1]), type(searcher).__name__)
+    return GalleryGraph(idx, scores, mins, int(gallery.shape[1]), type(searcher).__name__, filled)
+
+
+def fill_short_rows(
+    gallery: np.ndarray, rows: np.ndarray, scores: np.ndarray, idx: np.ndarray, far: np.ndarray, far_idx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Redo by exact search the rows an approximate searcher left short (any index -1).
+
+    rows (n, D) float32 gallery rows; scores/idx (n, m) their neighbour lists
+    from the searcher; far/far_idx (n,) the best score and row of -x. A row
+    whose list holds a -1 gets its exact top m and its exact best score of -x;
+    a row whose -x search found nothing gets the exact best score of -x.
+    Returns (scores (n, m) float32, idx (n, m) int64, far (n,) float32, rows redone).
+    """
+    short = (idx < 0).any(axis=1)
+    redo_far = short | (far_idx < 0)
+    if not redo_far.any():
+        return scores, idx, np.asarray(far, np.float32), 0
+    exact = ExactSearcher(gallery)
+    scores, idx, far = scores.copy(), idx.copy(), np.array(far, np.float32)
+    if short.any():
+        scores[short], idx[short] = exact.search(rows[short], idx.shape[1])
+    far[redo_far] = exact.search(-rows[redo_far], 1)[0][:, 0]
+    return scores, idx, far, int(short.sum())
 
 
 def merge_queries(
