@@ -76,7 +76,8 @@ def run_demo(
         out = workdir / f"{split}.npy"
         on_stage(f"clipret embed {root / 'test' / split} --model {run} --out {out}")
         e = embed_folder(root / "test" / split, str(run), workers=0, device="cpu")
-        artifacts.save_embeddings(out, e.vectors, e.ids, fingerprint=e.fingerprint, flags=e.flags, skipped=e.skipped)
+        artifacts.save_embeddings(out, e.vectors, e.ids, fingerprint=e.fingerprint, flags=e.flags, skipped=e.skipped,
+                                  root=e.root)
         embs[split] = e
     results = workdir / "results.json"
     on_stage(f"clipret query {workdir / 'query.npy'} --gallery {workdir / 'gallery.npy'} --k 10 --out {results}")

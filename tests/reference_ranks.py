@@ -47,9 +47,16 @@ def ref_query_metrics(row, gallery_labels, label, ks):
     return out
 
 
-def ref_evaluate_scores(score_rows, query_labels, gallery_labels, ks):
-    """Means over the queries with R > 0 of :func:`ref_query_metrics`, plus the two counts."""
-    per = [ref_query_metrics(row, gallery_labels, q, ks) for row, q in zip(score_rows, query_labels)]
+def ref_evaluate_scores(score_rows, query_labels, gallery_labels, ks, own=None):
+    """Means over the queries with R > 0 of :func:`ref_query_metrics`, plus the two counts.
+
+    ``own[q]``: a gallery item (-1: none) that query q is scored without, as if
+    that item were deleted from the gallery (out of its ranking and its R).
+    """
+    per = []
+    for q, (row, label) in enumerate(zip(score_rows, query_labels)):
+        keep = [i for i in range(len(row)) if own is None or i != own[q]]
+        per.append(ref_query_metrics([row[i] for i in keep], [gallery_labels[i] for i in keep], label, ks))
     kept = [p for p in per if p is not None]
     keys = [f"{m}@{k}" for k in ks for m in ("recall", "precision", "map")] + ["map", "map@r", "r_precision"]
     out = {}
@@ -58,3 +65,4 @@ def ref_evaluate_scores(score_rows, query_labels, gallery_labels, ks):
     out["n_queries"] = len(per)
     out["n_queries_without_relevant"] = len(per) - len(kept)
     return out
+

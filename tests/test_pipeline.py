@@ -142,21 +142,64 @@ def test_query_with_stages_writes_the_stages_and_matches_the_api(embedded):
     assert (t / "g.npy.knn.npz").is_file()  # the gallery's neighbour graph is cached beside it
 
 
-def test_rerank_cache_is_reused_and_invalidated_when_the_gallery_changes(embedded):
-    t = embedded
-    args = ["query", t / "q.npy", "--gallery", t / "g.npy", "--k", 5, "--rerank", "--k1", 8, "--k2", 3]
-    assert run(*args, "--out", t / "a.json").exit_code == 0
-    stamp = (t / "g.npy.knn.npz").stat().st_mtime_ns
-    assert run(*args, "--out", t / "b.json").exit_code == 0
-    assert (t / "g.npy.knn.npz").stat().st_mtime_ns == stamp  # reused, not rewritten
-    g = artifacts.load_embeddings(t / "g.npy", mmap=False)
-    artifacts.save_embeddings(t / "g.npy", g.vectors[::-1].copy(), g.ids[::-1], fingerprint="m")  # another gallery
-    assert run(*args, "--out", t / "c.json").exit_code == 0
-    assert (t / "g.npy.knn.npz").stat().st_mtime_ns != stamp
-    q = artifacts.load_embeddings(t / "q.npy")
-    g2 = artifacts.load_embeddings(t / "g.npy")
-    _, idx = retrieve(q.vectors, g2.vectors, 5, Stages(rerank=True, k1=8, k2=3))
-    assert [x["samples"] for x in json.loads((t / "c.json").read_text())] == [[g2.ids[j] for j in row] for row in idx]
+def test_rerank_cache_is_reused_and_invalidated_when_any_row_changes(tmp_path):
+    """30 rows changed over a 10,000-row gallery, none of them among the 64 rows the manifest's cheap digest samples."""
+    from clipret.artifacts.embeddings import DIGEST_ROWS
+
+    g_x, q_x = _clustered(10_000, 16, 40, seed=5), _clustered(20, 16, 40, seed=6)
+    ids = [f"{i:05d}.jpg" for i in range(len(g_x))]
+    artifacts.save_embeddings(tmp_path / "g.npy", g_x, ids, fingerprint="m")
+    artifacts.save_embeddings(tmp_path / "q.npy", q_x, [f"q{i}" for i in range(20)], fingerprint="m")
+    args = ["query", tmp_path / "q.npy", "--gallery", tmp_path / "g.npy", "--k", 10, "--rerank", "--k1", 8, "--k2", 3]
+    assert run(*args, "--out", tmp_path / "a.json").exit_code == 0
+    cache = tmp_path / "g.npy.knn.npz"
+    stamp = cache.stat().st_mtime_ns
+    assert run(*args, "--out", tmp_path / "b.json").exit_code == 0
+    assert cache.stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    sampled = set(np.linspace(0, len(g_x) - 1, DIGEST_ROWS).round().astype(int).tolist())
+    changed = [j for j in np.linspace(7, len(g_x) - 8, 30).astype(int).tolist() if j not in sampled]
+    assert len(changed) == 30
+    new = g_x.copy()
+    new[changed] = _clustered(30, 16, 40, seed=7)  # re-embedded images: same shape, same ids
+    artifacts.save_embeddings(tmp_path / "g.npy", new, ids, fingerprint="m")
+    assert artifacts.array_digest(new) == artifacts.array_digest(g_x)  # the cheap digest cannot see this change
+    assert run(*args, "--out", tmp_path / "c.json").exit_code == 0
+    assert cache.stat().st_mtime_ns != stamp
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("g.npy", "g.json", "q.npy", "q.json"):
+        (fresh / name).write_bytes((tmp_path / name).read_bytes())
+    r = run("query", fresh / "q.npy", "--gallery", fresh / "g.npy", "--k", 10, "--rerank", "--k1", 8, "--k2", 3,
+            "--out", fresh / "c.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text()) == json.loads((fresh / "c.json").read_text())
+    assert json.loads((tmp_path / "a.json").read_text()) != json.loads((fresh / "c.json").read_text())
+
+
+def test_a_gallery_without_a_content_hash_is_hashed_in_full(tmp_path):
+    """Manifests from before the content hash (or other tools): the cache key reads every row."""
+    g_x, q_x = _clustered(200, 8, 5, seed=8), _clustered(6, 8, 5, seed=9)
+    ids = [f"{i:03d}" for i in range(200)]
+    artifacts.save_embeddings(tmp_path / "q.npy", q_x, [f"q{i}" for i in range(6)], fingerprint="m")
+
+    def save_old_style(x):
+        artifacts.save_embeddings(tmp_path / "g.npy", x, ids, fingerprint="m")
+        side = json.loads((tmp_path / "g.json").read_text())
+        del side["content_blake2b"]
+        (tmp_path / "g.json").write_text(json.dumps(side))
+
+    args = ["query", tmp_path / "q.npy", "--gallery", tmp_path / "g.npy", "--k", 5, "--rerank", "--k1", 6, "--k2", 3]
+    save_old_style(g_x)
+    assert run(*args, "--out", tmp_path / "a.json").exit_code == 0
+    stamp = (tmp_path / "g.npy.knn.npz").stat().st_mtime_ns
+    new = g_x.copy()
+    new[[5, 50, 150]] = new[[6, 51, 151]]  # none of these rows is sampled by the cheap digest
+    assert artifacts.array_digest(new) == artifacts.array_digest(g_x)
+    save_old_style(new)
+    assert run(*args, "--out", tmp_path / "b.json").exit_code == 0
+    assert (tmp_path / "g.npy.knn.npz").stat().st_mtime_ns != stamp
 
 
 def test_evaluate_takes_the_same_stages_and_scores_the_reranked_ranking(embedded):
@@ -252,3 +295,24 @@ def test_index_query_options_and_refusals(embedded):
     assert r.exit_code == 2 and "embed --dba" in r.output
     r = run("query", t / "q.npy", "--gallery", t / "g.npy", "--nprobe", 4)
     assert r.exit_code == 2 and "tune an index" in r.output
+
+
+def test_reranked_evaluation_holds_about_one_score_block(tmp_path):
+    """The real peak of `evaluate --rerank` per chunk, at the default block sizing scaled down to 4 MB."""
+    import tracemalloc
+
+    from clipret.evaluation import chunk_rows, evaluate_scores, score_chunks
+
+    g, q = _clustered(20_000, 16, 50, seed=11), _clustered(400, 16, 50, seed=12)
+    block = 4 * 2**20
+    rows = chunk_rows(len(g), block)
+    fn = score_function(q, g, Stages(rerank=True, k1=8, k2=3), rows)  # prepares the batch (not measured)
+    g_codes = np.arange(len(g)) % 50
+    tracemalloc.start()
+    try:
+        evaluate_scores(score_chunks(fn, np.arange(len(q)) % 50, rows), g_codes, [1, 5], workers=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    counter = 21 * len(g)  # RankCounter's scratch
+    assert peak <= 1.6 * block + counter, f"peak {peak / 2**20:.1f} MiB for a {block / 2**20:.0f} MiB block"

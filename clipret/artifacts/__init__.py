@@ -33,6 +33,7 @@ from clipret.artifacts.embeddings import (
     EMBEDDINGS_FORMAT,
     Embeddings,
     array_digest,
+    content_hash,
     ids_digest,
     load_embeddings,
     manifest_path,
@@ -60,7 +61,7 @@ from clipret.artifacts.neighbors import (
 from clipret.artifacts.results import RESULTS_FORMAT, load_results, load_results_meta, results_meta_path, save_results
 
 __all__ = [
-    "Embeddings", "array_digest", "ids_digest", "load_results_meta", "results_meta_path", "RESULTS_FORMAT", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
+    "Embeddings", "array_digest", "content_hash", "ids_digest", "load_results_meta", "results_meta_path", "RESULTS_FORMAT", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
     "save_model_folder", "read_model_config", "load_weights_file", "fingerprint_of", "save_checkpoint",
     "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",

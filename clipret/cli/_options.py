@@ -56,6 +56,14 @@ QeAlpha = Annotated[
     typer.Option("--qe-alpha", help="alpha-QE (Radenovic et al. 2018): weight each of the --qe neighbours by max(sim, 0)^alpha.", show_default=False),
 ]
 Dba = Annotated[int, typer.Option("--dba", help="Database-side augmentation: average each gallery vector with its top-N gallery neighbours (0: off).")]
+KeepSelf = Annotated[
+    bool,
+    typer.Option(
+        "--keep-self",
+        help="Keep a query's own item in its ranking when the query is also in the gallery (near-duplicate "
+        "detection). By default it is left out, as the metric-learning benchmarks require.",
+    ),
+]
 Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default=False)]
 EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default=False)]
 ExactDecode = Annotated[

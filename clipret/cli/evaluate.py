@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import K1, K2, Dba, EfSearch, Json, Lam, Nprobe, Qe, QeAlpha, Rerank
+from clipret.cli._options import K1, K2, Dba, EfSearch, Json, KeepSelf, Lam, Nprobe, Qe, QeAlpha, Rerank
 from clipret.errors import ClipretError
 
 
@@ -30,6 +30,7 @@ def evaluate_command(
     lam: Lam = 0.1,
     nprobe: Nprobe = None,
     ef_search: EfSearch = None,
+    keep_self: KeepSelf = False,
     as_json: Json = False,
 ) -> None:
     """Score retrieval against labels.
@@ -43,6 +44,11 @@ def evaluate_command(
     (--dba, --qe, --qe-alpha, --rerank); on an index it scores the index's
     own top lists (deep enough for MAP@R where R allows).
 
+    A query that is also in the gallery (the same source file, or the same
+    row when --query and --gallery are one file) is not its own hit: its own
+    item is left out of its ranking and of R, as the metric-learning
+    benchmarks (CUB-200, Cars-196, SOP) require; --keep-self keeps it.
+
     Examples:
 
     \b
@@ -51,7 +57,9 @@ def evaluate_command(
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --rerank --qe 3
     """
     from clipret import artifacts, evaluation
+    from clipret.cli.query import report_self_matches
     from clipret.data.layout import folder_labels, read_labels_csv
+    from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible
 
     # `--k 1 5 10`: click gives --k one value; the others arrive as extra positionals.
@@ -70,7 +78,8 @@ def evaluate_command(
             label_map = folder_labels(query_ids + gallery_ids)
         else:
             gallery_ids = _results_gallery(files[0], gallery, gallery_from_labels, label_map, query_ids)
-        metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks)
+        found = _results_self_matches(files[0], gallery, query_ids, gallery_ids)
+        metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks, exclude=None if keep_self else found)
         title = f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
         from clipret.retrieval.gallery import open_gallery
@@ -82,16 +91,21 @@ def evaluate_command(
             _console.warn(w)
         if label_map is None:
             label_map = folder_labels(q.ids + g.ids)
-        metrics, how = _score_embeddings(q, g, label_map, ks, stages)
+        found = selfmatch.self_matches(q, g)
+        metrics, how = _score_embeddings(q, g, label_map, ks, stages, None if keep_self else found)
         title = f"retrieval metrics: {query.name} vs {gallery.name} ({how})"
     else:
         _console.fail("nothing to score: pass results.json, or --query q.npy --gallery g.npy")
         return
+    metrics["self_matches_excluded"] = 0 if keep_self else selfmatch.count(found)
+    report_self_matches(found, keep_self)
     _console.print_metrics(metrics, title, as_json)
 
 
-def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any) -> tuple[dict[str, Any], str]:
-    """Full ranking of a .npy gallery (after the stages), or an index's own top lists."""
+def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any, exclude: Any) -> tuple[dict[str, Any], str]:
+    """Full ranking of a .npy gallery (after the stages), or an index's own top lists.
+
+    ``exclude``: (Q,) each query's own gallery row or -1, left out of its ranking and R (None: none)."""
     from clipret import evaluation, metrics
     from clipret.cli.query import _prepare, search
     from clipret.evaluation import chunk_rows
@@ -102,18 +116,43 @@ def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any
     if g.index is None:
         setup = _prepare(g, stages, prepare_search)
         rows = chunk_rows(len(g))
-        score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph)
+        score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph,
+                                  exclude=exclude)
         with _console.progress_bar(len(q), "evaluate") as advance:
             result = evaluation.evaluate_embeddings(q, g, label_map, ks, score_fn=score_fn if stages.any else None,
-                                                    on_progress=advance)
+                                                    exclude=exclude, on_progress=advance)
         return result, f"full ranking, {named}"
     q_codes, g_codes = evaluation.label_codes(q.ids, g.ids, label_map)
     r_max = int(metrics.count_relevant(q_codes, g_codes).max(initial=0))
     depth = min(len(g), max(max(ks), min(r_max, 1000)))
-    _, rows = search(q.vectors, g, depth, stages)
-    if (rows < 0).any():
+    _, rows = search(q.vectors, g, depth, stages, exclude=exclude)
+    if exclude is not None and (exclude >= 0).any() and depth == len(g):
+        depth, rows = depth - 1, rows[:, : depth - 1]  # a query's own item is out: G - 1 items are left to rank
+    if (rows < 0).any() or depth == 0:
         raise ClipretError(f"the index returned fewer than {depth} neighbours for some queries; raise --nprobe or --ef-search")
-    return metrics.evaluate_topk(q_codes, g_codes, rows, [k_ for k_ in ks if k_ <= depth]), f"index top-{depth}, {named}"
+    return (metrics.evaluate_topk(q_codes, g_codes, rows, [k_ for k_ in ks if k_ <= depth], exclude=exclude),
+            f"index top-{depth}, {named}")
+
+
+def _results_self_matches(results_path: str, gallery: Path | None, query_ids: list[str], gallery_ids: list[str]) -> Any:
+    """(Q,) each query's own gallery row or -1, from what the sidecar (or --gallery's manifest) records."""
+    from clipret import artifacts
+    from clipret.retrieval import selfmatch
+
+    meta = artifacts.load_results_meta(results_path) or {}
+    g_side = meta.get("gallery")
+    if gallery is not None:
+        g_side = _gallery_side(gallery)
+    return selfmatch.self_matches(selfmatch.Recorded.from_sidecar(query_ids, meta.get("query")),
+                                  selfmatch.Recorded.from_sidecar(gallery_ids, g_side))
+
+
+def _gallery_side(gallery: Path) -> dict[str, Any]:
+    """What describe() records, read from a gallery file's own manifest or sidecar."""
+    from clipret.retrieval.compat import describe
+    from clipret.retrieval.gallery import open_gallery
+
+    return describe(open_gallery(gallery), gallery)
 
 
 def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool, label_map: Any, query_ids: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,6 +16,7 @@ from clipret.cli._options import (
     Device,
     EfSearch,
     ExactDecode,
+    KeepSelf,
     Lam,
     Nprobe,
     Pretrained,
@@ -50,6 +51,7 @@ def query_command(
     lam: Lam = 0.1,
     nprobe: Nprobe = None,
     ef_search: EfSearch = None,
+    keep_self: KeepSelf = False,
     batch_size: EmbedBatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
@@ -67,6 +69,10 @@ def query_command(
     Post-processing runs in a fixed order: --tta (when images are embedded) ->
     --dba (gallery) -> --qe/--qe-alpha (queries) -> search -> --rerank.
 
+    A query that is also in the gallery (the same source file, or the same
+    row when query and gallery are one embeddings file) never lists itself:
+    its own item is left out (counted in the sidecar); --keep-self keeps it.
+
     Examples:
 
     \b
@@ -75,6 +81,7 @@ def query_command(
       clipret query q.npy --gallery gallery.faiss --nprobe 32 --k 100
     """
     from clipret import artifacts, runtime
+    from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible, describe
     from clipret.retrieval.gallery import open_gallery
     from clipret.retrieval.pipeline import Stages
@@ -102,6 +109,7 @@ def query_command(
         if not runtime.is_main():
             return
         _console.report_unreadable(q.skipped)
+        q.root = query.resolve()
     else:
         if tta is not None:
             _console.fail(f"--tta applies when images are embedded, and {query} holds embeddings already; "
@@ -112,16 +120,42 @@ def query_command(
         q = artifacts.load_embeddings(query)
     for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):
         _console.warn(w)
-    scores, idx = search(q.vectors, gal, k, stages)
+    found = selfmatch.self_matches(q, gal)
+    exclude = None if keep_self else found
+    scores, idx = search(q.vectors, gal, k, stages, exclude=exclude)
     samples = [[gal.ids[j] for j in row if j >= 0] for row in idx]
     meta = {"k": k, "score": "1 - k-reciprocal final distance" if rerank else "cosine similarity",
-            "query": describe(q, query), "gallery": describe(gal, gallery), "stages": stages.to_dict()}
+            "query": describe(q, query), "gallery": describe(gal, gallery), "stages": stages.to_dict(),
+            "self_matches": self_match_note(found, keep_self)}
     artifacts.save_results(out, q.ids, samples, [row[: len(s)] for row, s in zip(scores, samples)], meta=meta)
+    report_self_matches(found, keep_self)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
 
 
-def search(queries, gal, k: int, stages):  # type: ignore[no-untyped-def]
-    """Run the pipeline over an opened gallery with progress bars; (scores (Q, k), rows (Q, k))."""
+def self_match_note(found: Any, keep_self: bool) -> dict[str, Any]:
+    """What a results sidecar records of the self-match rule: how many were left out (or kept)."""
+    from clipret.retrieval import selfmatch
+
+    n = selfmatch.count(found)
+    return {"rule": selfmatch.RULE, "excluded": 0 if keep_self else n, "kept": n if keep_self else 0}
+
+
+def report_self_matches(found: Any, keep_self: bool) -> None:
+    """One line when some queries are in the gallery: what happened to their own items."""
+    from clipret.retrieval import selfmatch
+
+    n = selfmatch.count(found)
+    if n and keep_self:
+        _console.info(f"kept {n} self-match(es): queries whose own item is in the gallery may list it (--keep-self)")
+    elif n:
+        _console.info(f"left out {n} self-match(es): a query's own item in the gallery is not its hit "
+                      "(--keep-self keeps them)")
+
+
+def search(queries, gal, k: int, stages, exclude=None):  # type: ignore[no-untyped-def]
+    """Run the pipeline over an opened gallery with progress bars; (scores (Q, k), rows (Q, k)).
+
+    ``exclude`` (Q,): each query's own gallery row or -1, left out of its list."""
     from clipret.retrieval.gallery import prepare_search
     from clipret.retrieval.pipeline import retrieve
     from clipret.retrieval.rerank import rerank_progress_total
@@ -129,7 +163,8 @@ def search(queries, gal, k: int, stages):  # type: ignore[no-untyped-def]
     setup = _prepare(gal, stages, prepare_search)
     total = rerank_progress_total(len(queries), len(gal), builds_graph=False) if stages.rerank else len(queries)
     with _console.progress_bar(total, "re-rank" if stages.rerank else "search") as advance:
-        return retrieve(queries, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph, on_progress=advance)
+        return retrieve(queries, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph, exclude=exclude,
+                        on_progress=advance)
 
 
 def _prepare(gal, stages, prepare_search):  # type: ignore[no-untyped-def]

@@ -51,20 +51,29 @@ def evaluate_results(
     labels: Mapping[str, str],
     gallery_ids: Sequence[str],
     ks: Sequence[int],
+    *,
+    exclude: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Score top-k lists. ``gallery_ids`` is the whole gallery (R is counted over it)."""
+    """Score top-k lists. ``gallery_ids`` is the whole gallery (R is counted over it).
+
+    ``exclude`` (Q,) int64, in the results' query order: the gallery row of
+    each query's own item, or -1 (:mod:`clipret.retrieval.selfmatch`). It is
+    taken out of the query's list (if it is there) and out of its R.
+    """
     query_ids = [str(r["filename"]) for r in results]
     position = {g: i for i, g in enumerate(gallery_ids)}
     unknown = sorted({s for r in results for s in r["samples"] if s not in position})
     if unknown:
         raise ClipretError(f"{len(unknown)} result ids are not in the gallery (e.g. {unknown[0]}); check --labels/--gallery")
-    width = min((len(r["samples"]) for r in results), default=0)
+    own = np.full(len(results), -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    lists = [[position[s] for s in r["samples"] if position[s] != o] for r, o in zip(results, own.tolist())]
+    width = min((len(row) for row in lists), default=0)
     if width == 0:
         raise ClipretError("the results hold no retrieved samples")
     ks = _check_ks(ks, width)
-    ranked = np.array([[position[s] for s in r["samples"][:width]] for r in results], dtype=np.int64)
+    ranked = np.array([row[:width] for row in lists], dtype=np.int64)
     q_codes, g_codes = label_codes(query_ids, gallery_ids, labels)
-    return metrics.evaluate_topk(q_codes, g_codes, ranked, ks)
+    return metrics.evaluate_topk(q_codes, g_codes, ranked, ks, exclude=own)
 
 
 def label_codes(query_ids: Sequence[str], gallery_ids: Sequence[str], labels: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +97,7 @@ def evaluate_embeddings(
     ks: Sequence[int],
     *,
     score_fn: ScoreFn | None = None,
+    exclude: np.ndarray | None = None,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -111,7 +121,8 @@ def evaluate_embeddings(
     rows = chunk_rows(len(gallery), max_block_bytes)
     if score_fn is None:
         score_fn = matmul_scores(query.vectors, gallery.vectors, rows)
-    return evaluate_scores(score_chunks(score_fn, q_codes, rows), g_codes, ks, workers=workers, on_progress=on_progress)
+    return evaluate_scores(score_chunks(score_fn, q_codes, rows), g_codes, ks, exclude=exclude, workers=workers,
+                           on_progress=on_progress)
 
 
 def _check_ks(ks: Sequence[int], width: int) -> list[int]:

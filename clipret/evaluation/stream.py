@@ -73,6 +73,7 @@ def evaluate_scores(
     gallery_codes: np.ndarray,
     ks: Sequence[int],
     *,
+    exclude: np.ndarray | None = None,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
@@ -82,6 +83,10 @@ def evaluate_scores(
     query label codes (n,) int) pairs, e.g. from :func:`score_chunks`.
     gallery_codes: (G,) int label codes, in the same code space as the
     queries' (see :func:`clipret.metrics.encode_labels`). ks: cut-offs.
+    exclude: (Q,) int64 over all the queries in chunk order, the gallery row
+    of each query's own item or -1 (:mod:`clipret.retrieval.selfmatch`): that
+    row is left out of the query's ranking and of its R, as if it were not in
+    the gallery (its score in the block is overwritten with -inf).
     workers: threads that count ranks (default: the CPUs this process may use).
     on_progress: called with the number of queries finished after each chunk.
 
@@ -100,11 +105,15 @@ def evaluate_scores(
     values: list[dict[str, np.ndarray]] = []
     n_relevant: list[np.ndarray] = []
 
-    def run(part: int, block: np.ndarray, codes: np.ndarray, lo: int, hi: int) -> list:
+    def run(part: int, block: np.ndarray, codes: np.ndarray, own: np.ndarray | None, lo: int, hi: int) -> list:
         out, ranks, r, held = [], [], [], 0
         for i in range(lo, hi):
-            relevant = members.of(int(codes[i]))
-            ranks.append(np.sort(counters[part].ranks(block[i], relevant)) + 1)
+            relevant, row = members.of(int(codes[i])), block[i]
+            if own is not None and own[i] >= 0:  # the query's own item: last in the ranking, and not relevant
+                row = row if row.flags.writeable else row.copy()
+                row[own[i]] = -np.inf
+                relevant = relevant[relevant != own[i]]
+            ranks.append(np.sort(counters[part].ranks(row, relevant)) + 1)
             r.append(relevant.size)
             held += relevant.size
             if held >= _HITS_PER_BATCH or i == hi - 1:
@@ -113,6 +122,7 @@ def evaluate_scores(
         return out
 
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    done = 0
     try:
         for block, codes in chunks:
             block, codes = np.asarray(block), np.asarray(codes)
@@ -120,8 +130,12 @@ def evaluate_scores(
                 raise ValueError(f"a score block must be ({codes.shape[0]}, {gallery_codes.size}), got {block.shape}")
             if codes.size == 0:
                 continue
+            own = None if exclude is None else np.asarray(exclude, dtype=np.int64)[done : done + codes.size]
+            if own is not None and own.shape != codes.shape:
+                raise ValueError(f"exclude must hold one gallery row (or -1) per query; it ends before query {done + codes.size}")
+            done += codes.size
             cuts = np.linspace(0, codes.size, min(workers, codes.size) + 1).astype(int)
-            jobs = [(p, block, codes, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+            jobs = [(p, block, codes, own, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
             parts = list(pool.map(lambda j: run(*j), jobs)) if pool else [run(*jobs[0])]
             for part in parts:
                 for v, r in part:

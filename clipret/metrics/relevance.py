@@ -168,11 +168,14 @@ def count_relevant(query_labels, gallery_labels) -> np.ndarray:
     return np.bincount(g, minlength=n).astype(np.int64)[q]
 
 
-def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) -> dict[str, float]:
+def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks, *,
+                  exclude: np.ndarray | None = None) -> dict[str, float]:
     """Metrics for top-K lists (e.g. results.json) against the full gallery labels.
 
     query_labels (Q,), gallery_labels (G,), ranked_indices (Q, K) ints, ks:
-    list lengths with 1 <= k <= K. Returns ``recall@k``, ``precision@k``,
+    list lengths with 1 <= k <= K. ``exclude`` (Q,) int: a gallery row that
+    is the query's own item (-1: none); it does not count in R, and must not
+    be in the query's list. Returns ``recall@k``, ``precision@k``,
     ``map@k`` for each k, ``n_queries`` (Q, all queries) and
     ``n_queries_without_relevant`` (R == 0, excluded from the means).
     ``map@r`` and ``r_precision`` are added only when K >= max R; ``map`` only
@@ -180,6 +183,14 @@ def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) 
     """
     relevance = rank_relevance(query_labels, gallery_labels, ranked_indices)
     n_relevant = count_relevant(query_labels, gallery_labels)
+    if exclude is not None:
+        own = np.asarray(exclude, dtype=np.int64)
+        if own.shape != n_relevant.shape:
+            raise ValueError(f"exclude must have shape {n_relevant.shape}, got {own.shape}")
+        if (own[:, None] == np.asarray(ranked_indices)).any():
+            raise ValueError("a query's own item is in its ranked list; remove it before scoring")
+        q_l, g_l = np.asarray(query_labels), np.asarray(gallery_labels)
+        n_relevant = n_relevant - ((own >= 0) & (g_l[np.maximum(own, 0)] == q_l))
     ks = [int(k) for k in ks]
     for k in ks:
         _check_relevance(relevance, k)

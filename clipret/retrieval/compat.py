@@ -36,8 +36,11 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
 def describe(emb: Embeddings, source: str | Path | None = None) -> dict[str, Any]:
     """What a results sidecar records of one side: where it came from and which ids, in which order."""
     where = source if source is not None else emb.path
+    root = getattr(emb, "root", None)
     return {
         "path": str(Path(where).resolve()) if where is not None else None,
+        "root": str(root) if root is not None else None,
+        "content_blake2b": getattr(emb, "content", None),
         "count": len(emb),
         "ids_sha256": ids_digest(emb.ids),
         "fingerprint": emb.fingerprint,

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from clipret.retrieval.search import ExactSearcher, Searcher
+from clipret.retrieval.selfmatch import drop_rows
 
 __all__ = ["average_qe", "alpha_qe", "expand_queries", "dba"]
 
@@ -58,16 +59,24 @@ def expand_queries(
     *,
     alpha: float | None = None,
     searcher: Searcher | None = None,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Search the top ``n`` gallery neighbours of each query and apply average QE (or alpha-QE).
 
     Returns (Q, D) float32 expanded queries; search them again for the final
-    ranking. ``searcher`` defaults to exact search over ``gallery``.
+    ranking. ``searcher`` defaults to exact search over ``gallery``, which
+    may also be any object with ``shape``, ``ndim`` and ``gallery[rows]``
+    (only the neighbours' rows are read). ``exclude`` (Q,) int64: a gallery
+    row that is the query's own item (-1: none), never used as its neighbour.
     """
     n = _check_n(n)
     if n == 0:
         return np.array(query, dtype=np.float32, copy=True)
-    scores, idx = (searcher or ExactSearcher(gallery)).search(np.asarray(query, dtype=np.float32), n)
+    searcher = searcher or ExactSearcher(gallery)
+    if exclude is not None and (np.asarray(exclude) >= 0).any():
+        scores, idx = drop_rows(*searcher.search(np.asarray(query, dtype=np.float32), n + 1), exclude, n)
+    else:
+        scores, idx = searcher.search(np.asarray(query, dtype=np.float32), n)
     if alpha is None:
         return average_qe(query, gallery, idx)
     return alpha_qe(query, gallery, idx, scores, alpha)
@@ -122,24 +131,12 @@ def dba(
         if n == 0:
             out[start : start + len(rows)] = rows
         else:
-            scores, idx = searcher.search(rows, n + 1)
-            scores, idx = _drop_self(scores, idx, np.arange(start, start + len(rows)))
+            scores, idx = drop_rows(*searcher.search(rows, n + 1), np.arange(start, start + len(rows)), n)
             weights = np.ones(idx.shape, np.float32) if alpha is None else _alpha_weights(scores, idx.shape, alpha)
             out[start : start + len(rows)] = _expand(rows, gallery, idx, weights)
         if on_progress is not None:
             on_progress(len(rows))
     return out
-
-
-def _drop_self(scores: np.ndarray, idx: np.ndarray, self_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each row's own index from its (n+1)-long list, or its last entry if absent."""
-    is_self = idx == self_idx[:, None]
-    first = np.argmax(is_self, axis=1)
-    drop = np.where(is_self.any(axis=1), first, idx.shape[1] - 1)
-    keep = np.ones(idx.shape, dtype=bool)
-    keep[np.arange(idx.shape[0]), drop] = False
-    shape = (idx.shape[0], idx.shape[1] - 1)
-    return scores[keep].reshape(shape), idx[keep].reshape(shape)
 
 
 def _expand(base: np.ndarray, gallery: np.ndarray, neighbors: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ class Gallery:
     path: Path | None
     vectors: np.ndarray | None = None  # (G, D) float32, maybe a memory map; None for an index until needed
     index: Any = field(default=None, repr=False)  # clipret.retrieval.index.IndexGallery
-    digest: str | None = None
+    content: str | None = None  # content_hash of the vectors, from the manifest (computed when needed otherwise)
+    root: Path | None = None  # the folder the ids are relative to, when the manifest records it
     dim_: int = 0
 
     @property
@@ -54,14 +55,18 @@ def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_
         from clipret.retrieval.index import open_index
 
         idx = open_index(path, nprobe=nprobe, ef_search=ef_search)
-        gal = Gallery(list(idx.ids), idx.fingerprint, idx.flags, path, index=idx, dim_=idx.dim)
+        root, content = idx.meta.get("root"), idx.meta.get("content_blake2b")
+        gal = Gallery(list(idx.ids), idx.fingerprint, idx.flags, path, index=idx, dim_=idx.dim,
+                      root=Path(root) if isinstance(root, str) else None,
+                      content=content if isinstance(content, str) else None)
     else:
         if nprobe is not None or ef_search is not None:
             raise ClipretError("--nprobe and --ef-search tune an index; the gallery here is a .npy (exact search)")
         from clipret.artifacts import load_embeddings
 
         emb = load_embeddings(path)
-        gal = Gallery(emb.ids, emb.fingerprint, emb.flags, path, vectors=emb.vectors, digest=emb.digest, dim_=emb.dim)
+        gal = Gallery(emb.ids, emb.fingerprint, emb.flags, path, vectors=emb.vectors, content=emb.content, root=emb.root,
+                      dim_=emb.dim)
     if len(gal) == 0:
         raise ClipretError(f"the gallery {path} holds no embeddings; embed a folder with images first")
     return gal
@@ -80,11 +85,38 @@ def read_gallery_ids(path: str | os.PathLike[str]) -> list[str]:
     return load_embeddings(path, check_finite=False).ids
 
 
+class IndexRows:
+    """An index's vectors as a read-only (G, D) array-like: ``rows[idx]`` reconstructs only those rows.
+
+    Query expansion reads just each query's N neighbours, so a 10M-vector
+    IVF-PQ index never has all its vectors decoded into memory (10M x 256
+    float32 would be 10 GB).
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, searcher: Any, count: int) -> None:
+        self._searcher = searcher
+        self.shape = (int(count), int(searcher.dim))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._searcher.vectors(rows.ravel()).reshape(*rows.shape, self.shape[1])
+
+
 @dataclass
 class SearchSetup:
-    """What the pipeline needs: (G, D) vectors (post-DBA), a searcher over them, a re-ranking graph or None."""
+    """What the pipeline needs: (G, D) vectors (post-DBA), a searcher over them, a re-ranking graph or None.
 
-    vectors: np.ndarray | None
+    ``vectors`` is an array, None (an index searched with no stage that reads
+    vectors), or :class:`IndexRows` (an index under QE alone).
+    """
+
+    vectors: np.ndarray | IndexRows | None
     searcher: Searcher
     graph: GalleryGraph | None
     notes: list[str]
@@ -103,8 +135,8 @@ def prepare_search(
     applied twice), and on an index (the index holds the original vectors:
     apply DBA with ``clipret embed --dba N`` before building it). The
     re-ranking graph of a ``.npy`` gallery is cached beside it
-    (``g.npy.knn.npz``), keyed by the array's content digest, the DBA setting
-    and k1/k2; ``on_progress(stage, done, total)`` reports long steps.
+    (``g.npy.knn.npz``), keyed by a hash of every byte of the array (the
+    manifest's, else computed) and the DBA setting; ``on_progress(stage, done, total)`` reports long steps.
     ``notes`` collects one-line remarks for the user.
     """
     notes: list[str] = []
@@ -116,12 +148,13 @@ def prepare_search(
             raise ClipretError("--dba cannot be applied to an index, which holds the original vectors; embed the "
                                "gallery with `clipret embed --dba N`, then build the index from that")
         searcher = gallery.index.searcher
-        vectors = None
+        vectors: Any = None
         if stages.qe or stages.rerank:
             if not searcher.vectors_exact:
                 notes.append(f"the {gallery.index.meta['type']} index stores compressed vectors: query expansion and "
                              "re-ranking use their reconstructions, an approximation")
-            vectors = searcher.vectors(np.arange(len(gallery)))
+            # re-ranking reads every gallery vector; QE alone only its Q x N neighbours, reconstructed on demand
+            vectors = searcher.vectors(np.arange(len(gallery))) if stages.rerank else IndexRows(searcher, len(gallery))
         return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, searcher, cache=False, notes=notes,
                                                      on_progress=on_progress), notes)
     vectors = gallery.vectors
@@ -145,6 +178,16 @@ def _stage(on_progress: Callable[[str, int, int], None] | None, name: str, total
     return advance
 
 
+def gallery_hash(gallery: Gallery) -> str:
+    """:func:`~clipret.artifacts.content_hash` of the gallery's vectors: the manifest's, or computed once."""
+    if gallery.content is None:
+        from clipret.artifacts import content_hash
+
+        assert gallery.vectors is not None
+        gallery.content = content_hash(gallery.vectors)
+    return gallery.content
+
+
 def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searcher: Searcher | None, *, cache: bool,
            notes: list[str], on_progress: Callable[[str, int, int], None] | None) -> GalleryGraph | None:
     """The gallery's k-nearest-gallery lists for re-ranking: from the cache when it matches, else built."""
@@ -155,15 +198,17 @@ def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searche
 
     m = graph_neighbors(stages.k1, stages.k2)
     method = EXACT if searcher is None else type(searcher).__name__
-    usable = cache and gallery.path is not None and gallery.digest is not None
-    key = f"{gallery.digest}|dba={stages.dba}"
-    path = neighbors_path(gallery.path) if usable else None
+    path = neighbors_path(gallery.path) if cache and gallery.path is not None else None
+    key = f"{gallery_hash(gallery)}|dba={stages.dba}" if path is not None else ""
     if path is not None:
         graph = load_gallery_graph(path, key=key, count=len(vectors), dim=int(vectors.shape[1]), neighbors=m, method=method)
         if graph is not None:
             return graph
     graph = build_gallery_graph(vectors, k1=stages.k1, k2=stages.k2, searcher=searcher,
                                 on_progress=_stage(on_progress, "gallery graph", len(vectors)))
+    if graph.filled:
+        notes.append(f"{graph.filled} of {len(vectors)} gallery items got fewer than {m} neighbours from the index; "
+                     "their re-ranking lists came from exact search (raise --nprobe or --ef-search)")
     if path is not None:
         try:
             save_gallery_graph(path, graph, key=key)

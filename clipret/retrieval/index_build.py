@@ -38,7 +38,9 @@ import numpy as np
 
 from clipret import __version__
 from clipret.artifacts.atomic import write_json
+from clipret.artifacts.embeddings import Embeddings
 from clipret.artifacts.index import (
+    index_lock,
     read_index_pair,
     read_sidecar,
     sidecar_path,
@@ -158,6 +160,9 @@ def build_index(
         "params": {**plan.params, **({"seed": seed} if plan.type in ("ivf", "ivfpq") else {})},
         "metric": "inner_product", "dim": dim, "count": n,
         "model_fingerprint": source.fingerprint, "flags": source.flags,
+        "root": _common_root(source.parts, None),
+        # the rows equal one embeddings file's: a query set from that file is recognised as the same items
+        "content_blake2b": source.parts[0].full_hash() if len(source.parts) == 1 else None,
         "label_count": label_count, "tombstones": [], "holes": [],
         "sources": [{"file": str(p.path), "count": len(p)} for p in source.parts],
         "ids": source.ids,
@@ -166,6 +171,12 @@ def build_index(
     meta = write_index_pair(out, index, sidecar)
     on_progress("write", 1, 1)
     return meta
+
+
+def _common_root(parts: Sequence[Embeddings], root: str | None) -> str | None:
+    """The folder every part's ids are relative to (and ``root``, the index's, if any), else None."""
+    roots = {str(p.root) if p.root is not None else None for p in parts} | ({root} if root is not None else set())
+    return roots.pop() if len(roots) == 1 else None
 
 
 def add_to_index(
@@ -183,27 +194,28 @@ def add_to_index(
     """
     source = GallerySource.open(inputs)
     warnings = source.check(allow_mismatch=allow_mismatch)
-    meta = read_sidecar(index_path)
-    if source.dim != meta["dim"]:
-        raise ClipretError(f"{source.parts[0].path} has dim {source.dim} but the index {index_path} has dim {meta['dim']}; "
-                           "add embeddings made with the index's model")
-    for part in source.parts:
-        warnings += check_same_model(part, meta.get("model_fingerprint"), meta.get("flags") or {}, str(index_path),
-                                     allow_mismatch=allow_mismatch)
-    present = set(meta["ids"])
-    clash = [i for i in source.ids if i in present]
-    if clash:
-        raise ClipretError(f"{len(clash)} id(s) are already in {index_path} ({', '.join(clash[:3])}); "
-                           "remove them first with --remove, or leave them out")
-    for w in warnings:
-        (on_warning or (lambda _: None))(w)
-    index, meta = read_index_pair(index_path)
-    label_count = add_source(index, meta["type"], source, meta["label_count"], on_progress)
-    meta.update(clipret_version=__version__, count=meta["count"] + len(source), label_count=label_count,
-                ids=meta["ids"] + source.ids,
-                sources=meta.get("sources", []) + [{"file": str(p.path), "count": len(p)} for p in source.parts])
-    on_progress("write", 0, 1)
-    meta = write_index_pair(index_path, index, meta)
+    with index_lock(index_path):  # a second writer waits: it must read the sidecar this one writes
+        meta = read_sidecar(index_path)
+        if source.dim != meta["dim"]:
+            raise ClipretError(f"{source.parts[0].path} has dim {source.dim} but the index {index_path} has dim {meta['dim']}; "
+                               "add embeddings made with the index's model")
+        for part in source.parts:
+            warnings += check_same_model(part, meta.get("model_fingerprint"), meta.get("flags") or {}, str(index_path),
+                                         allow_mismatch=allow_mismatch)
+        present = set(meta["ids"])
+        clash = [i for i in source.ids if i in present]
+        if clash:
+            raise ClipretError(f"{len(clash)} id(s) are already in {index_path} ({', '.join(clash[:3])}); "
+                               "remove them first with --remove, or leave them out")
+        for w in warnings:
+            (on_warning or (lambda _: None))(w)
+        index, meta = read_index_pair(index_path)
+        label_count = add_source(index, meta["type"], source, meta["label_count"], on_progress)
+        meta.update(clipret_version=__version__, count=meta["count"] + len(source), label_count=label_count,
+                    ids=meta["ids"] + source.ids, root=_common_root(source.parts, meta.get("root")), content_blake2b=None,
+                    sources=meta.get("sources", []) + [{"file": str(p.path), "count": len(p)} for p in source.parts])
+        on_progress("write", 0, 1)
+        meta = write_index_pair(index_path, index, meta)
     on_progress("write", 1, 1)
     return meta
 
@@ -213,6 +225,11 @@ def remove_from_index(index_path: str | os.PathLike[str], ids: Sequence[str]) ->
 
     See the module docstring for what removal does and costs for each type.
     """
+    with index_lock(index_path):  # a second writer waits: it must read the sidecar this one writes
+        return _remove(index_path, ids)
+
+
+def _remove(index_path: str | os.PathLike[str], ids: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     meta = read_sidecar(index_path)
     row_of = {i: r for r, i in enumerate(meta["ids"])}
     missing = [i for i in dict.fromkeys(ids) if i not in row_of]
@@ -223,7 +240,7 @@ def remove_from_index(index_path: str | os.PathLike[str], ids: Sequence[str]) ->
     keep = np.ones(len(meta["ids"]), dtype=bool)
     keep[rows] = False
     new_ids = [i for i, k in zip(meta["ids"], keep) if k]
-    meta.update(clipret_version=__version__, count=len(new_ids), ids=new_ids)
+    meta.update(clipret_version=__version__, count=len(new_ids), ids=new_ids, content_blake2b=None)
     if meta["type"] == "hnsw":  # tombstones: the index file does not change, only its sidecar
         meta["tombstones"] = sorted(set(meta["tombstones"]) | set(labels.tolist()))
         write_json(sidecar_path(index_path), meta)
@@ -262,5 +279,6 @@ def index_info(index_path: str | os.PathLike[str]) -> dict[str, Any]:
         "tombstones": gone, "tombstone_fraction": round(gone / max(1, gone + meta["count"]), 4),
         "holes": len(meta.get("holes", [])), "clipret_version": meta.get("clipret_version"),
         "generation": meta.get("generation"), "sources": meta.get("sources", []),
+        "faiss_class": meta.get("faiss_class"), "faiss_sha256": meta.get("faiss_sha256") or None,
     }
 

@@ -31,6 +31,7 @@ from clipret.retrieval.expansion import dba as dba_gallery
 from clipret.retrieval.expansion import expand_queries
 from clipret.retrieval.rerank import GalleryGraph, check_rerank_params, k_reciprocal_rerank, prepare_rerank
 from clipret.retrieval.search import Searcher
+from clipret.retrieval.selfmatch import drop_rows
 
 __all__ = ["Stages", "retrieve", "score_function", "apply_dba", "default_searcher"]
 
@@ -95,12 +96,16 @@ def apply_dba(gallery: np.ndarray, n: int, *, searcher: Searcher | None = None, 
     return dba_gallery(gallery, n, searcher=searcher or default_searcher(gallery), on_progress=on_progress)
 
 
-def _queries(query: np.ndarray, gallery: np.ndarray, stages: Stages, searcher: Searcher) -> np.ndarray:
-    """(Q, D) queries after QE (unchanged without it)."""
+def _queries(query: np.ndarray, gallery: Any, stages: Stages, searcher: Searcher, exclude: np.ndarray | None) -> np.ndarray:
+    """(Q, D) queries after QE (unchanged without it); a query's own item is never its QE neighbour."""
     query = np.ascontiguousarray(query, dtype=np.float32)
     if stages.qe:
-        query = expand_queries(query, gallery, stages.qe, alpha=stages.qe_alpha, searcher=searcher)
+        query = expand_queries(query, gallery, stages.qe, alpha=stages.qe_alpha, searcher=searcher, exclude=exclude)
     return query
+
+
+def _excluding(exclude: np.ndarray | None) -> bool:
+    return exclude is not None and bool((np.asarray(exclude) >= 0).any())
 
 
 def retrieve(
@@ -111,30 +116,40 @@ def retrieve(
     *,
     searcher: Searcher | None = None,
     graph: GalleryGraph | None = None,
+    exclude: np.ndarray | None = None,
     on_progress: Progress = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows for every query, after the stages.
 
     query (Q, D), gallery (G, D) float32 unit rows (the gallery may be a
-    memory map; None when ``searcher`` is an index and no stage needs the
-    vectors). ``searcher`` searches the gallery (default: exact); pass an
-    index's searcher to take neighbour lists from it. DBA must already be in
-    ``gallery`` (see :func:`apply_dba`); ``stages.dba`` is only recorded.
-    ``graph`` is a cached gallery neighbour graph for re-ranking.
+    memory map, or any object with ``shape``, ``ndim`` and ``gallery[rows]``
+    when only QE reads it; None when ``searcher`` is an index and no stage
+    needs the vectors). ``searcher`` searches the gallery (default: exact);
+    pass an index's searcher to take neighbour lists from it. DBA must
+    already be in ``gallery`` (see :func:`apply_dba`); ``stages.dba`` is only
+    recorded. ``graph`` is a cached gallery neighbour graph for re-ranking.
+    ``exclude`` (Q,) int64: each query's own gallery row, or -1
+    (:func:`clipret.retrieval.selfmatch.self_matches`); it is left out of the
+    query's QE neighbours and of its list.
 
     Returns (scores (Q, k') float32, higher is better: cosine, or
     ``1 - final distance`` after re-ranking; indices (Q, k') int64), best
-    first by the shared ranking rule, k' = min(k, G).
+    first by the shared ranking rule, k' = min(k, G). A list with fewer than
+    k' items (an approximate index, or a query whose own item was left out
+    of a whole-gallery list) ends in (-inf, -1) padding.
     """
     if gallery is None and (searcher is None or stages.qe or stages.rerank):
         raise ValueError("query expansion and re-ranking need the gallery vectors")
     searcher = searcher or default_searcher(gallery)
-    q = _queries(query, gallery, stages, searcher) if stages.qe else np.ascontiguousarray(query, dtype=np.float32)
+    q = _queries(query, gallery, stages, searcher, exclude) if stages.qe else np.ascontiguousarray(query, dtype=np.float32)
+    depth = k + 1 if _excluding(exclude) else k
     if stages.rerank:
         graph_searcher = None if _is_exact(searcher) else searcher
-        return k_reciprocal_rerank(q, gallery, k, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph,
-                                   searcher=graph_searcher, on_progress=on_progress)
-    return searcher.search(q, k, on_chunk=on_progress) if on_progress else searcher.search(q, k)
+        found = k_reciprocal_rerank(q, gallery, depth, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph,
+                                    searcher=graph_searcher, on_progress=on_progress)
+    else:
+        found = searcher.search(q, depth, on_chunk=on_progress) if on_progress else searcher.search(q, depth)
+    return drop_rows(*found, exclude, k) if depth > k else found
 
 
 def score_function(
@@ -145,22 +160,29 @@ def score_function(
     *,
     searcher: Searcher | None = None,
     graph: GalleryGraph | None = None,
+    exclude: np.ndarray | None = None,
 ) -> Callable[[int, int], np.ndarray]:
     """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better.
 
     For full-ranking evaluation (:func:`clipret.evaluation.evaluate_embeddings`):
     cosine scores of the (expanded) queries, or ``1 - final distance`` after
     re-ranking, which is prepared once for the whole query batch (the method
-    is transductive). ``rows`` bounds the block height.
+    is transductive). ``rows`` bounds the block height. ``exclude`` only
+    keeps each query's own item out of its QE neighbours: the evaluation
+    leaves it out of the ranking (:func:`clipret.evaluation.evaluate_scores`).
     """
     searcher = searcher or default_searcher(gallery)
-    q = _queries(query, gallery, stages, searcher)
+    q = _queries(query, gallery, stages, searcher, exclude)
     if stages.rerank:
         graph_searcher = None if _is_exact(searcher) else searcher
         batch = prepare_rerank(q, gallery, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph, searcher=graph_searcher)
+        buf = np.empty((max(1, rows), gallery.shape[0]), dtype=np.float32)  # one block, reused (read before the next call)
 
         def reranked(q0: int, q1: int) -> np.ndarray:
-            return np.float32(1) - batch.distance_block(q0, q1)
+            if q1 - q0 > buf.shape[0]:
+                raise ValueError(f"asked for {q1 - q0} rows; this score function holds {buf.shape[0]}")
+            d = batch.distance_block(q0, q1, out=buf[: q1 - q0])
+            return np.subtract(np.float32(1), d, out=d)
 
         return reranked
     from clipret.evaluation import matmul_scores
