@@ -7,6 +7,7 @@ heavy) only inside the command body, so ``clipret --help`` is instant.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import typer
@@ -14,24 +15,45 @@ from typer.core import TyperGroup
 
 from clipret import __version__
 from clipret.cli import _console, demo, embed, evaluate, index, query, train
+from clipret.errors import ClipretError
 
 def _tta_words(word: str) -> bool:
     return {p.strip().lower() for p in word.split(",")} <= {"flip", "scales", "none", "off"}
 
 
+def _looks_like_tta(word: str) -> bool:
+    """A misspelt --tta value (``flips``, ``flip,scale``): letters and commas, no path characters."""
+    return bool(re.fullmatch(r"[A-Za-z]+(,[A-Za-z]*)*", word))
+
+
+def _looks_like_count(word: str) -> bool:
+    """A misspelt --qe value (``3x``, ``2.5``): it starts with a digit."""
+    return word[:1].isdigit()
+
+
 # Options whose value is optional, as the design card writes them (`query --tta --rerank --qe`): given
 # bare, they take the default below; the next word is their value only when it looks like one.
-BARE_VALUES = {"--tta": ("flip", _tta_words), "--qe": ("5", str.isdigit)}
+# (default, is a value, looks like a misspelt value, the message for one)
+BARE_VALUES = {
+    "--tta": ("flip", _tta_words, _looks_like_tta, "unknown --tta {!r}; use flip or flip,scales"),
+    "--qe": ("5", str.isdigit, _looks_like_count, "--qe takes a whole number of neighbours (a bare --qe means 5), got {!r}"),
+}
 
 
 def expand_bare_options(args: list[str]) -> list[str]:
-    """``[..., "--tta", "--rerank", "--qe"]`` -> ``[..., "--tta", "flip", "--rerank", "--qe", "5"]``; given values stay."""
+    """``[..., "--tta", "--rerank", "--qe"]`` -> ``[..., "--tta", "flip", "--rerank", "--qe", "5"]``; given values stay.
+
+    A next word that is not a value, nor a path that exists, but looks like a misspelt value
+    (``--tta flips``, ``--qe 3x``) is a :class:`ClipretError` that says what the values are.
+    """
     out: list[str] = []
     for i, arg in enumerate(args):
         out.append(arg)
         if arg in BARE_VALUES:
-            default, is_value = BARE_VALUES[arg]
+            default, is_value, looks_like, message = BARE_VALUES[arg]
             nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and not is_value(nxt) and looks_like(nxt) and not os.path.exists(nxt):
+                raise ClipretError(message.format(nxt))
             if nxt is None or not is_value(nxt):
                 out.append(default)
     return out
@@ -41,7 +63,11 @@ class _Group(TyperGroup):
     """The command group; lets ``--tta`` and ``--qe`` be given bare, as the design card writes them."""
 
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
-        return super().parse_args(ctx, expand_bare_options(list(args)))
+        try:
+            expanded = expand_bare_options(list(args))
+        except ClipretError as exc:
+            _console.fail(str(exc))
+        return super().parse_args(ctx, expanded)
 
 
 app = typer.Typer(

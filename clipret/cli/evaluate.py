@@ -80,6 +80,7 @@ def evaluate_command(
             gallery_ids = _results_gallery(files[0], gallery, gallery_from_labels, label_map, query_ids)
         found = _results_self_matches(files[0], gallery, query_ids, gallery_ids)
         metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks, exclude=None if keep_self else found)
+        _explain_missing(files[0], results, ks, metrics, labels)
         title = f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
         from clipret.retrieval.gallery import open_gallery
@@ -134,6 +135,31 @@ def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any
             f"index top-{depth}, {named}")
 
 
+def _explain_missing(results_path: str, results: Any, ks: list[int], metrics: dict[str, Any], labels: Path | None) -> None:
+    """Say which --k are beyond the lists' depth, and how to get MAP@R and mAP when top-k lists cannot give them."""
+    from clipret import artifacts
+    from clipret.retrieval.compat import recorded_path
+
+    depth = min(len(r["samples"]) for r in results)
+    dropped = sorted({k for k in ks if f"recall@{k}" not in metrics})
+    if dropped:
+        _console.warn(f"--k {' '.join(map(str, dropped))} left out: {results_path} holds {depth} results per query, "
+                      f"and a cut-off beyond that cannot be scored (run `clipret query` with --k {max(dropped)} or more)")
+    if "map@r" in metrics and "map" in metrics:
+        return
+    meta = artifacts.load_results_meta(results_path) or {}
+    q_path = str(recorded_path(results_path, meta.get("query")) or "QUERY.npy")
+    g_path = str(recorded_path(results_path, meta.get("gallery")) or "GALLERY.npy")
+    label_arg = f" --labels {labels}" if labels is not None else ""
+    embed = ""
+    if not q_path.endswith(".npy"):  # the queries were a folder: embed them first
+        model = ((meta.get("query") or {}).get("flags") or {}).get("model", "MODEL")
+        embed = f"`clipret embed {q_path} --model {model} --out query.npy`, then "
+        q_path = "query.npy"
+    _console.info(f"MAP@R and mAP need the full ranking (R relevant items per query, more than the {depth} listed): "
+                  f"{embed}`clipret evaluate --query {q_path} --gallery {g_path}{label_arg}`")
+
+
 def _results_self_matches(results_path: str, gallery: Path | None, query_ids: list[str], gallery_ids: list[str]) -> Any:
     """(Q,) each query's own gallery row or -1, from what the sidecar (or --gallery's manifest) records."""
     from clipret import artifacts
@@ -158,6 +184,7 @@ def _gallery_side(gallery: Path) -> dict[str, Any]:
 def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool, label_map: Any, query_ids: list[str]) -> list[str]:
     """The whole gallery a results file was searched in, in order; never a silent guess."""
     from clipret import artifacts
+    from clipret.retrieval.compat import recorded_path
     from clipret.retrieval.gallery import read_gallery_ids
 
     meta = artifacts.load_results_meta(results_path)
@@ -168,7 +195,8 @@ def _results_gallery(results_path: str, gallery: Path | None, from_labels: bool,
             raise _mismatch(results_path, gallery, recorded)
         return ids
     if recorded.get("path"):
-        path = Path(recorded["path"])
+        path = recorded_path(results_path, recorded)
+        assert path is not None
         if not path.is_file():
             raise ClipretError(f"{results_path} was searched in {path}, which no longer exists; pass --gallery")
         ids = read_gallery_ids(path)

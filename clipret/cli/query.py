@@ -88,13 +88,14 @@ def query_command(
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
+    if not query.exists():
+        _console.fail(f"query path not found: {query}")
     stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
     if not runtime.is_main() and not query.is_dir():
         return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks
     gal = open_gallery(gallery, nprobe=nprobe, ef_search=ef_search) if runtime.is_main() else None
     if query.is_dir():
-        if model is None:
-            _console.fail("a query folder needs --model (the model the gallery was embedded with)")
+        model, pretrained, tta = _gallery_defaults(gallery, model, pretrained, tta)
         if runtime.is_main():
             warn_ignored_pretrained(model, pretrained)
         from clipret.inference import embed_folder
@@ -125,11 +126,39 @@ def query_command(
     scores, idx = search(q.vectors, gal, k, stages, exclude=exclude)
     samples = [[gal.ids[j] for j in row if j >= 0] for row in idx]
     meta = {"k": k, "score": "1 - k-reciprocal final distance" if rerank else "cosine similarity",
-            "query": describe(q, query), "gallery": describe(gal, gallery), "stages": stages.to_dict(),
+            "query": describe(q, query, relative_to=out), "gallery": describe(gal, gallery, relative_to=out),
+            "stages": stages.to_dict(),
             "self_matches": self_match_note(found, keep_self)}
     artifacts.save_results(out, q.ids, samples, [row[: len(s)] for row, s in zip(scores, samples)], meta=meta)
     report_self_matches(found, keep_self)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
+
+
+def _gallery_defaults(gallery: Path, model: str | None, pretrained: str | None,
+                      tta: str | None) -> tuple[str, str | None, str | None]:
+    """--model, --pretrained and --tta for a query folder: as given, else as the gallery's manifest records them."""
+    from clipret import runtime
+    from clipret.retrieval.gallery import read_gallery_flags
+
+    flags = read_gallery_flags(gallery)
+    said = []
+    if model is None:
+        recorded = flags.get("model")
+        if not recorded:
+            _console.fail(f"a query folder needs --model: {gallery} does not record the model it was embedded with")
+        looks_like_path = "/" in recorded or "\\" in recorded or recorded.endswith(".json")
+        if looks_like_path and not Path(recorded).exists():
+            _console.fail(f"{gallery} was embedded with --model {recorded}, which is not found from here; pass --model")
+        model, said = recorded, [f"--model {recorded}"]
+        if pretrained is None and not Path(recorded).is_dir() and flags.get("pretrained"):
+            pretrained = str(flags["pretrained"])
+            said.append(f"--pretrained {pretrained}")
+    if tta is None and flags.get("tta"):
+        tta = str(flags["tta"])
+        said.append(f"--tta {tta}")
+    if said and runtime.is_main():
+        _console.info(f"using the gallery's {' '.join(said)} (as recorded in {gallery}'s manifest)")
+    return model, pretrained, tta
 
 
 def self_match_note(found: Any, keep_self: bool) -> dict[str, Any]:

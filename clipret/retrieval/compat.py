@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,20 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
     return warnings
 
 
-def describe(emb: Embeddings, source: str | Path | None = None) -> dict[str, Any]:
-    """What a results sidecar records of one side: where it came from and which ids, in which order."""
+def describe(emb: Embeddings, source: str | Path | None = None, *, relative_to: str | Path | None = None) -> dict[str, Any]:
+    """What a results sidecar records of one side: where it came from and which ids, in which order.
+
+    ``relative_to``: the results file; ``relpath`` is then the path from its folder too, so a
+    results folder moved together with its gallery still finds it (:func:`recorded_path`).
+    """
     where = source if source is not None else emb.path
     root = getattr(emb, "root", None)
+    rel = None
+    if where is not None and relative_to is not None:
+        rel = os.path.relpath(Path(where).resolve(), Path(relative_to).resolve().parent)
     return {
         "path": str(Path(where).resolve()) if where is not None else None,
+        "relpath": rel,
         "root": str(root) if root is not None else None,
         "content_blake2b": getattr(emb, "content", None),
         "count": len(emb),
@@ -46,3 +55,15 @@ def describe(emb: Embeddings, source: str | Path | None = None) -> dict[str, Any
         "fingerprint": emb.fingerprint,
         "flags": dict(emb.flags),
     }
+
+
+def recorded_path(results_path: str | Path, side: dict[str, Any] | None) -> Path | None:
+    """Where a side a results sidecar describes is now: its ``relpath`` from the results file's folder
+    when that exists (the two were moved together), else its absolute ``path`` (None if neither is recorded)."""
+    side = side or {}
+    rel = side.get("relpath")
+    if isinstance(rel, str):
+        moved = Path(results_path).parent / rel
+        if moved.exists():
+            return moved
+    return Path(side["path"]) if isinstance(side.get("path"), str) else None

@@ -21,7 +21,7 @@ from clipret.retrieval.pipeline import Stages, apply_dba, default_searcher
 from clipret.retrieval.rerank import GalleryGraph
 from clipret.retrieval.search import Searcher
 
-__all__ = ["Gallery", "SearchSetup", "open_gallery", "prepare_search", "read_gallery_ids"]
+__all__ = ["Gallery", "SearchSetup", "open_gallery", "prepare_search", "read_gallery_flags", "read_gallery_ids"]
 
 
 @dataclass
@@ -106,6 +106,19 @@ class IndexRows:
     def __getitem__(self, rows: Any) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         return self._searcher.vectors(rows.ravel()).reshape(*rows.shape, self.shape[1])
+
+
+def read_gallery_flags(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The embedding flags (model, pretrained, tta, ...) a ``.npy`` manifest or an index sidecar records; reads no vectors."""
+    from clipret.retrieval.index import is_index_path
+
+    if is_index_path(path):
+        from clipret.artifacts.index import read_sidecar
+
+        return dict(read_sidecar(path).get("flags") or {})
+    from clipret.artifacts import load_embeddings
+
+    return dict(load_embeddings(path, check_finite=False).flags)
 
 
 @dataclass
