@@ -85,21 +85,32 @@ def test_default_tag_and_tag_preprocessing_for_real_models():
     assert laion.quick_gelu is False
 
 
-def test_save_load_roundtrip_gives_identical_embeddings(tmp_path):
-    spec = make_spec(str(TINY_VIT), "none", embed_dim=64)
+@pytest.mark.parametrize(
+    ("cfg", "pool", "head_bn"),
+    [(TINY_VIT, "gem", True), (TINY_VIT, "cls", False), (TINY_VIT, "mean", True), (TINY_RN, "gem", False),
+     (TINY_RN, "mean", True)],
+    ids=["vit-gem-bn", "vit-cls", "vit-mean-bn", "rn-gem", "rn-mean-bn"],
+)
+def test_save_load_roundtrip_gives_identical_embeddings(tmp_path, cfg, pool, head_bn):
+    spec = make_spec(str(cfg), "none", embed_dim=64, pool=pool, head_bn=head_bn)
     torch.manual_seed(1)
     net = build_encoder(spec).eval()
-    with torch.no_grad():
-        net.pool.p.fill_(2.5)
-        net.head.bn.running_mean.uniform_(-0.1, 0.1)
+    with torch.no_grad():  # move every tensor off its initial value: a key load_model skips shows up
+        for value in net.state_dict().values():
+            if value.is_floating_point():
+                value.add_(torch.rand_like(value) * 0.1 + 0.01)
     x = torch.randn(4, 3, 64, 64)
     fp = save_model(tmp_path / "m", net, spec)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     # Rebuilding never needs the original config file.
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["model"]["clip_config"]["vision_cfg"]["width"] == 96 and cfg["fingerprint"] == fp
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model"]["clip_config"] == json.loads(cfg.read_text()) and saved["fingerprint"] == fp
     net2, spec2, fp2 = load_model(tmp_path / "m")
     assert fp2 == fp and spec2 == spec
+    assert type(net2.pool) is type(net.pool) and net2.pool_kind == pool
+    state, state2 = net.state_dict(), net2.state_dict()
+    assert state.keys() == state2.keys()
+    assert all(torch.equal(state[k], state2[k]) for k in state)
     with torch.no_grad():
         assert torch.equal(net(x), net2(x))
 
@@ -170,6 +181,7 @@ def test_offline_tag_fails_fast_with_instructions(monkeypatch):
         open_encoder("ViT-B-32", "openai")
     msg = str(exc.value)
     assert "\n" not in msg and "--pretrained none" in msg and "local weights file" in msg
+    assert "--pretrained openai=PATH.safetensors" in msg  # the file keeps the tag's settings
 
 
 def test_unknown_model_and_tag_are_user_errors():

@@ -166,3 +166,32 @@ def test_building_never_opens_a_socket(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     for cfg in (TINY_VIT, TINY_RN):
         build_encoder(make_spec(str(cfg), "none"))
+
+
+def _clipa_like_config(tmp_path):
+    """The tiny ViT shaped like open_clip's CLIPA configs: no ln_pre, mean pooling, ln_post after the pool."""
+    cfg = json.loads(TINY_VIT.read_text())
+    cfg["vision_cfg"].update(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True)
+    path = tmp_path / "tiny-clipa.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("pool", ["gem", "mean"])
+def test_clipa_like_tower_tokens_are_normalised_and_every_parameter_trains(tmp_path, pool):
+    torch.manual_seed(0)
+    net = build_encoder(make_spec(str(_clipa_like_config(tmp_path)), "none", pool=pool, embed_dim=32))
+    visual = net.tower.visual
+    assert visual.final_ln_after_pool  # open_clip's own forward leaves the tokens before ln_post
+    with torch.no_grad():  # a non-trivial ln_post, so that normalised and raw tokens differ clearly
+        visual.ln_post.weight.uniform_(0.5, 2.0)
+        visual.ln_post.bias.uniform_(-0.5, 0.5)
+    seen = {}
+    visual.transformer.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", out))
+    x = torch.randn(4, 3, 64, 64)
+    _, tokens = net.tower(x)
+    torch.testing.assert_close(tokens, visual.ln_post(seen["x"][:, 1:]))  # the CLS token excluded
+    net(x).pow(2).sum().backward()  # BatchNorm in train mode: every row feeds every other
+    no_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []  # DDP with find_unused_parameters=False needs every one
+    assert visual.ln_post.weight.grad.abs().sum() > 0

@@ -12,7 +12,8 @@ Model = Annotated[
 ]
 Pretrained = Annotated[
     Optional[str],
-    typer.Option(help="Weights: a tag (openai, laion2b_s32b_b82k), a local .safetensors/.pt file, or none. Default: the model's usual tag."),
+    typer.Option(help="Weights: a tag (openai, laion2b_s32b_b82k), a local .safetensors/.pt file, TAG=FILE (a local file "
+                 "holding that tag's weights, e.g. openai=/w/ViT-L-14.safetensors), or none. Default: the model's usual tag."),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Amp = Annotated[str, typer.Option(help="Mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none.")]

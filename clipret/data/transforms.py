@@ -3,6 +3,9 @@
 Evaluation uses open_clip's ``image_transform`` with the size, mean, std,
 interpolation and resize mode stored in the model spec, so embeddings see
 exactly the preprocessing the backbone was trained with (not ImageNet's).
+Training without the random crop resizes and crops with those same steps, so
+a ``squash`` or ``longest`` model sees the same geometry in training as in
+evaluation.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ SMALL_INPUT = 128  # px: below this, the seed's strong augmentation is scaled do
 class AugmentConfig:
     """Training augmentation, as resolved for one run (see :func:`resolve_augmentation`)."""
 
-    crop: bool = True  # random resized crop, area scale (crop_scale, 1); off: resize and centre crop
+    crop: bool = True  # random resized crop, area scale (crop_scale, 1); off: the model's eval resize (and crop)
     flip: bool = True  # horizontal flip, p=0.5
     color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 = off
     grayscale: float = 0.1  # probability; 0 = off
@@ -66,6 +69,14 @@ def eval_transform(preprocess: dict[str, Any]) -> Callable:
     )
 
 
+def eval_geometry(preprocess: dict[str, Any]) -> list[Callable]:
+    """The resize and crop steps of :func:`eval_transform` (PIL -> PIL, at the model's input size),
+    following its ``resize_mode``: shortest side + centre crop, longest side + pad, or squash."""
+    from clipret.model._open_clip import eval_geometry as open_clip_geometry
+
+    return open_clip_geometry(eval_transform(preprocess))
+
+
 def train_transform(preprocess: dict[str, Any], aug: AugmentConfig) -> Callable:
     """PIL image -> augmented (3, H, W) tensor with the backbone's normalisation."""
     from torchvision import transforms as T
@@ -77,7 +88,7 @@ def train_transform(preprocess: dict[str, Any], aug: AugmentConfig) -> Callable:
     if aug.crop:
         steps.append(T.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), interpolation=interp))
     else:
-        steps += [T.Resize(min(size), interpolation=interp), T.CenterCrop(size)]
+        steps += eval_geometry(preprocess)
     if aug.flip:
         steps.append(T.RandomHorizontalFlip())
     if aug.color_jitter > 0:

@@ -5,7 +5,10 @@ Everything here goes through open_clip's public surface: the ``CLIP`` class
 describe it), the towers' own ``forward`` and their public attributes
 (``proj``, ``attnpool``, ``output_tokens``, ``grid_size``). Two names come
 from submodules rather than the package top level: ``resize_pos_embed``
-(``open_clip.model``) and ``PreprocessCfg`` (``open_clip.transform``).
+(``open_clip.model``) and ``PreprocessCfg`` (``open_clip.transform``), and
+:func:`eval_geometry` recognises the steps of ``open_clip.image_transform``
+by their classes (``ResizeKeepRatio`` and ``CenterCropOrPad`` from
+``open_clip.transform``, torchvision's ``Resize`` and ``CenterCrop``).
 tests/test_model.py pins the open_clip versions this was checked against
 (:data:`CHECKED_VERSIONS`); re-check this file before widening it.
 
@@ -20,7 +23,7 @@ keeps construction cheap and never asks Hugging Face for a text model.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -99,14 +102,18 @@ def token_features(visual: nn.Module, kind: str, x: Any) -> tuple[Any, Any]:
     """Run a stripped tower: (B, 3, H, W) -> (pooled (B, C) or None, tokens (B, N, C)).
 
     ViT: open_clip's forward with ``output_tokens``: after the transformer,
-    ``ln_post`` is applied to every token (towers with ``final_ln_after_pool``,
-    such as CLIPA, apply it to the pooled vector only), then the CLS token is
-    split from the N patch tokens. CNN: the layer4 map, (B, C, h, w) flattened
-    to (B, h*w, C); there is no pooled output.
+    ``ln_post`` is applied to every token, then the CLS token is split from
+    the N patch tokens. Towers with ``final_ln_after_pool`` (CLIPA) apply
+    ``ln_post`` to the pooled vector only and return the tokens before it;
+    here ``ln_post`` is applied to those tokens too, so every tower's tokens
+    are normalised and ``ln_post`` trains whatever the pooling. CNN: the
+    layer4 map, (B, C, h, w) flattened to (B, h*w, C); there is no pooled output.
     """
     if kind == "cnn":
         return None, visual(x).flatten(2).transpose(1, 2)
     pooled, tokens = visual(x)
+    if getattr(visual, "final_ln_after_pool", False):
+        tokens = visual.ln_post(tokens)  # LayerNorm is per token: the same as ln_post before the split
     return pooled, tokens
 
 
@@ -128,3 +135,18 @@ def preprocess_defaults() -> dict[str, Any]:
     from open_clip.transform import PreprocessCfg
 
     return asdict(PreprocessCfg())
+
+
+def eval_geometry(eval_transform: Any) -> list[Callable]:
+    """The resize and crop steps (PIL -> PIL) of an ``open_clip.image_transform(..., is_train=False)``.
+
+    These carry the model's ``resize_mode`` (shortest side + centre crop, longest side + pad,
+    or squash) at its input size; the steps after them only convert and normalise.
+    """
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+    from torchvision.transforms import CenterCrop, Resize
+
+    steps = [s for s in eval_transform.transforms if isinstance(s, (Resize, CenterCrop, ResizeKeepRatio, CenterCropOrPad))]
+    if not steps:
+        raise ValueError(f"no resize step found in open_clip's eval transform {eval_transform}")
+    return steps

@@ -6,8 +6,13 @@ config never does.
 
 ``--model`` is an open_clip model name (``ViT-L-14``) or a path to an
 open_clip-format config JSON. ``--pretrained`` is a tag (``openai``), a local
-weights file (.safetensors, or .pt/.bin read with ``weights_only=True``), or
-``none``.
+weights file (.safetensors, or .pt/.bin read with ``weights_only=True``),
+``TAG=PATH`` (a local file holding the weights of that tag), or ``none``.
+
+A tag carries settings the weights were trained with: ``quick_gelu`` and the
+preprocessing (mean, std, interpolation, resize mode). A local file takes
+them from the tag it names, or, given alone, from the model's tags where
+they all agree (:func:`tag_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,10 @@ from typing import Any
 from clipret.config import NO_WEIGHTS  # --pretrained values that mean random init
 from clipret.errors import ClipretError
 from clipret.model import _open_clip
+
+#: ``TAG=PATH``: the tag a local weights file holds (tags are letters, digits, ``_``, ``-``, ``.``).
+_TAGGED = re.compile(r"^(?P<tag>[A-Za-z0-9_.-]+)=(?P<path>.+)$")
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def clip_config_for(model: str) -> tuple[str, dict[str, Any]]:
@@ -60,21 +70,100 @@ def default_tag(name: str) -> str:
     return tags[0] if tags else "none"
 
 
+def split_tagged(pretrained: str) -> tuple[str | None, str]:
+    """``"TAG=PATH"`` -> ``(TAG, PATH)``; anything else (a tag, a file, none) -> ``(None, pretrained)``.
+
+    An existing file whose name holds ``=`` is a file, not ``TAG=PATH``.
+    """
+    match = _TAGGED.match(pretrained)
+    if match is None or Path(pretrained).is_file():
+        return None, pretrained
+    return match["tag"], match["path"]
+
+
+def local_weights_path(pretrained: str) -> Path | None:
+    """The local file ``pretrained`` names (``PATH`` or ``TAG=PATH``), or None for a tag or ``none``.
+
+    Raises ClipretError when it names a file that does not exist.
+    """
+    if pretrained.lower() in NO_WEIGHTS:
+        return None
+    tag, path = split_tagged(pretrained)
+    if Path(path).is_file():
+        return Path(path)
+    if tag is not None or path.endswith(_WEIGHT_SUFFIXES) or os.sep in path or "/" in path:
+        raise ClipretError(f"weights file not found: {path}")
+    return None
+
+
 def tag_config(name: str, pretrained: str) -> dict[str, Any]:
-    """open_clip's pretrained config for ``(name, tag)``, or {} for files and ``none``."""
+    """The settings of open_clip's pretrained table that hold for ``pretrained`` weights of ``name``.
+
+    * a tag: its table entry (download source included);
+    * ``TAG=PATH``: that tag's settings (``quick_gelu``, mean, std, ...);
+    * a file alone: the settings all of the model's tags agree on ({} for a model with no tags);
+      ClipretError (one line, listing the tags) where they disagree;
+    * ``none``: {}.
+    """
     import open_clip
 
-    if pretrained.lower() in NO_WEIGHTS or Path(pretrained).is_file():
+    if pretrained.lower() in NO_WEIGHTS:
         return {}
+    tag, path = split_tagged(pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag is not None:
+        settings = _settings(_known_tag(name, tag, tags, path))
+        local_weights_path(pretrained)  # a missing file is reported now, before any image is read
+        return settings
+    if local_weights_path(pretrained) is not None:
+        return _agreed_settings(name, tags, pretrained)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
         raise ClipretError(
             f"--pretrained {pretrained!r} is neither a file nor a known tag for {name}"
             + (f" (tags: {', '.join(tags)})" if tags else "")
             + "; pass a weights file or --pretrained none"
         )
     return dict(cfg)
+
+
+def _known_tag(name: str, tag: str, tags: list[str], path: str) -> dict[str, Any]:
+    """open_clip's table entry for ``(name, tag)``; ClipretError naming the choices if there is none."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if cfg:
+        return dict(cfg)
+    if not tags:
+        raise ClipretError(f"--pretrained {tag}={path}: {name} has no open_clip tags; pass the file alone (--pretrained {path})")
+    raise ClipretError(f"--pretrained {tag}={path}: {tag!r} is not a tag of {name}; use one of: {', '.join(tags)}")
+
+
+def _agreed_settings(name: str, tags: list[str], path: str) -> dict[str, Any]:
+    """The settings of ``name``'s tags, for a weights file that names none; ClipretError if they differ."""
+    import open_clip
+
+    per_tag = [_settings(dict(open_clip.get_pretrained_cfg(name, t))) for t in tags]
+    if not per_tag:
+        return {}
+    filled = [_filled(s) for s in per_tag]
+    differ = [k for k in filled[0] if any(f[k] != filled[0][k] for f in filled[1:])]
+    if differ:
+        raise ClipretError(f"{name}'s tags disagree on {'/'.join(differ)}; name the tag your file holds: "
+                           f"--pretrained TAG={path} (tags: {', '.join(tags)})")
+    return per_tag[0]
+
+
+def _settings(tag_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a tag's table entry that changes the network or its inputs (no download source)."""
+    keys = {"quick_gelu", *_open_clip.preprocess_defaults()}
+    return {k: v for k, v in tag_cfg.items() if k in keys}
+
+
+def _filled(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with open_clip's defaults for what a tag leaves out, tuples as lists (comparable)."""
+    full = {"quick_gelu": False, **_open_clip.preprocess_defaults(), **settings}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
 
 
 def preprocess_for(cfg: dict[str, Any], tag_cfg: dict[str, Any], image_size: int | None) -> dict[str, Any]:
@@ -92,14 +181,14 @@ def fetch_weights(name: str, pretrained: str) -> Path | None:
     """Local path of the weights for ``pretrained``; downloads tags (cached by open_clip)."""
     if pretrained.lower() in NO_WEIGHTS:
         return None
-    if Path(pretrained).is_file():
-        return Path(pretrained)
-    if pretrained.endswith((".safetensors", ".pt", ".pth", ".bin")) or os.sep in pretrained:
-        raise ClipretError(f"weights file not found: {pretrained}")
+    local = local_weights_path(pretrained)
+    if local is not None:
+        return local
     import open_clip
 
     cfg = tag_config(name, pretrained)
-    offline_hint = "offline, pass a local weights file (--pretrained PATH.safetensors) or --pretrained none"
+    offline_hint = (f"offline, pass a local weights file with its tag (--pretrained {pretrained}=PATH.safetensors) "
+                    "or --pretrained none")
     if not _cached(cfg) and not _hub_resolves():
         raise ClipretError(f"could not download pretrained weights '{pretrained}' for {name} (no network); {offline_hint}")
     hub_logger = logging.getLogger("huggingface_hub")
@@ -113,7 +202,8 @@ def fetch_weights(name: str, pretrained: str) -> Path | None:
     finally:
         hub_logger.setLevel(level)
     if not target:
-        raise ClipretError(f"open_clip has no download for {name}:{pretrained}; pass a local weights file")
+        raise ClipretError(f"open_clip has no download for {name}:{pretrained}; "
+                           f"pass a local weights file with its tag (--pretrained {pretrained}=PATH.safetensors)")
     return Path(target)
 
 

@@ -27,7 +27,12 @@ SPEC_POOLS = (*POOLS, "clip")
 
 @dataclass
 class ModelSpec:
-    """How to rebuild an encoder. ``pool == "clip"`` means CLIP's own embedding, no head."""
+    """How to rebuild an encoder. ``pool == "clip"`` means CLIP's own embedding, no head.
+
+    ``quick_gelu`` and ``preprocess`` are the settings the weights need, resolved once from the
+    config and the ``pretrained`` tag (see :func:`clipret.model.backbone.tag_config`); a saved
+    run records them in its config.json and rebuilds from them.
+    """
 
     backbone: str
     clip_config: dict[str, Any]
@@ -187,7 +192,8 @@ def open_encoder(model: str, pretrained: str | None = None) -> tuple[nn.Module, 
 
 def _zero_shot_fingerprint(spec: ModelSpec) -> str:
     src = spec.pretrained
-    if Path(src).is_file():
-        src = "sha256:" + artifacts.sha256_file(src)
+    local = backbone.local_weights_path(src)  # PATH or TAG=PATH: the file's content, not its name
+    if local is not None:
+        src = "sha256:" + artifacts.sha256_file(local)
     return artifacts.fingerprint_of({"model": spec.to_dict(), "weights_source": src}, "")
 

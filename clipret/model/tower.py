@@ -6,7 +6,8 @@ fine-tuning we take the features just before that, from the tower's own
 forward (see :mod:`clipret.model._open_clip`):
 
 * ViT: open_clip's ``output_tokens`` output: the CLS token (B, C) and the
-  patch tokens (B, N, C), after ``ln_post``;
+  patch tokens (B, N, C), after ``ln_post`` (also for CLIPA-style towers,
+  whose own forward normalises only the pooled vector);
 * ModifiedResNet: the ``layer4`` map, flattened to (B, H*W, C), no CLS.
 
 The unused CLIP projection / attention pool is dropped, so it neither
