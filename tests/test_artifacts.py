@@ -213,3 +213,50 @@ def test_unreadable_checkpoint_with_an_empty_message_is_one_line(tmp_path, monke
     monkeypatch.setattr(torch, "load", boom)
     with pytest.raises(ClipretError, match=r"unreadable \(RuntimeError\)"):
         artifacts.load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o604])
+def test_rewriting_a_file_keeps_its_mode(tmp_path, mode):
+    """A model the user made private stays private when the next epoch exports over it."""
+    torch = pytest.importorskip("torch")
+    artifacts.save_model_folder(tmp_path / "m", {"w": torch.ones(2)}, {"model": {}})
+    artifacts.save_embeddings(tmp_path / "e.npy", _unit(2, 3), ["a", "b"], fingerprint=None)
+    names = ("m/model.safetensors", "m/config.json", "e.npy", "e.json")
+    for name in names:
+        os.chmod(tmp_path / name, mode)
+    old = os.umask(0o022)
+    try:
+        artifacts.save_model_folder(tmp_path / "m", {"w": torch.zeros(2)}, {"model": {}})
+        artifacts.save_embeddings(tmp_path / "e.npy", _unit(2, 3, seed=1), ["a", "b"], fingerprint=None)
+    finally:
+        os.umask(old)
+    for name in names:
+        assert (os.stat(tmp_path / name).st_mode & 0o7777) == mode, name
+    assert artifacts.read_model_config(tmp_path / "m")["fingerprint"]  # the new pair, under the kept mode
+
+
+def test_remove_stale_temps_removes_only_clipret_temps_of_dead_writers(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a killed writer: its pid no longer runs
+    theirs = {".notes.tmp", ".model.safetensors.1234.tmp", ".x.clipret.tmp", "a.clipret-1-abc.tmp", "report.tmp"}
+    dead = f".model.safetensors.clipret-{gone.pid}-k2j4h_x9.tmp"
+    mine = f".config.json.clipret-{os.getpid()}-abcd1234.tmp"  # our own pid again (pid 1 in a new container)
+    live = f".checkpoint.pt.clipret-{os.getppid()}-abcd1234.tmp"  # another process, still writing it
+    for name in (*theirs, dead, mine, live):
+        (tmp_path / name).write_text("x")
+    assert artifacts.remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*theirs, live})
+
+
+def test_atomic_writes_name_their_temp_files_so_they_can_be_told_apart(tmp_path):
+    seen = []
+    with artifacts.atomic_path(tmp_path / "model.safetensors") as tmp:
+        seen.append(tmp.name)
+        tmp.write_text("x")
+    assert seen[0].startswith(f".model.safetensors.clipret-{os.getpid()}-") and seen[0].endswith(".tmp")
+    (tmp_path / seen[0]).write_text("as a killed writer leaves it")
+    assert artifacts.remove_stale_temps(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

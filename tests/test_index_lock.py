@@ -189,3 +189,22 @@ def test_changing_a_missing_index_leaves_no_lock_file(tmp_path):
     with pytest.raises(ClipretError, match="index not found"):
         index_build.add_to_index(tmp_path / "missing.faiss", [tmp_path / "a.npy"])
     assert not lock_path(tmp_path / "missing.faiss").exists()
+
+
+def test_rewriting_the_pair_keeps_the_sidecars_mode(tmp_path):
+    """The sidecar arrives by renaming its pending file: it must keep the mode a user gave it."""
+    import os
+    import stat
+
+    from clipret.retrieval.index_build import add_to_index, build_index
+
+    rng = np.random.default_rng(3)
+    for name, n in (("a", 40), ("b", 10)):
+        x = rng.standard_normal((n, 8)).astype(np.float32)
+        artifacts.save_embeddings(tmp_path / f"{name}.npy", x / np.linalg.norm(x, axis=1, keepdims=True),
+                                  [f"{name}{i}" for i in range(n)], fingerprint="m")
+    build_index([tmp_path / "a.npy"], tmp_path / "g.faiss", kind="flat")
+    side = tmp_path / "g.faiss.json"
+    os.chmod(side, 0o600)
+    add_to_index(tmp_path / "g.faiss", [tmp_path / "b.npy"])
+    assert stat.S_IMODE(side.stat().st_mode) == 0o600

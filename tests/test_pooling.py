@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from clipret.model.head import EmbeddingHead
-from clipret.model.pooling import GeM, gem, nonnegative
+from clipret.model.pooling import GeM, clamp_min_recoverable, gem, nonnegative
 from reference import ref_gem
 
 
@@ -45,6 +45,61 @@ def test_gem_module_p_is_learnable_and_receives_gradient():
     x = torch.randn(4, 10, 6)  # signed, like LayerNorm'd ViT tokens
     pool(x).sum().backward()
     assert pool.p.grad is not None and pool.p.grad.abs() > 0
+
+
+def _ref_gem_slope_at(x: torch.Tensor, p: float, h: float = 1e-5) -> float:
+    """d/dp of sum(ref_gem(x, p)), by a central difference of the slow reference (float64)."""
+    total = lambda q: sum(sum(row) for row in ref_gem(x.tolist(), q))  # noqa: E731
+    return (total(p + h) - total(p - h)) / (2 * h)
+
+
+def test_clamp_min_recoverable_passes_only_the_gradient_that_raises_a_value_below_the_floor():
+    x = torch.tensor([0.5, 0.5, 1.0, 2.0, 2.0], requires_grad=True)
+    y = clamp_min_recoverable(x, 1.0)
+    assert y.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+    (y * torch.tensor([-3.0, 3.0, 3.0, -3.0, 3.0])).sum().backward()
+    # below the floor: an upward pull (negative gradient) passes, a downward one does not; above: as clamp
+    assert x.grad.tolist() == [-3.0, 0.0, 3.0, -3.0, 3.0]
+
+
+def test_gem_p_below_one_pools_at_one_and_climbs_back_when_a_larger_p_helps():
+    torch.manual_seed(0)
+    pool = GeM(p=3.0)
+    with torch.no_grad():
+        pool.p.fill_(0.6)  # e.g. an Adam step overshot
+    x = torch.rand(4, 10, 6) + 0.05
+    y = pool(x)
+    slow = torch.tensor(ref_gem(x.double().tolist(), 1.0), dtype=torch.float64)
+    torch.testing.assert_close(y.double(), slow, rtol=1e-5, atol=1e-6)  # the forward uses p = 1
+    (-y.sum()).backward()  # a power mean grows with p: this loss wants p larger
+    want = -_ref_gem_slope_at(x.double(), 1.0)
+    assert pool.p.grad < 0 and pool.p.grad.item() == pytest.approx(want, rel=1e-3)
+    opt = torch.optim.SGD(pool.parameters(), lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        (-pool(x).sum()).backward()
+        opt.step()
+    assert pool.p.item() > 1.0  # back in the range where p does something
+
+
+def test_gem_p_below_one_does_not_drift_further_down():
+    pool = GeM(p=3.0)
+    with torch.no_grad():
+        pool.p.fill_(0.6)
+    pool(torch.rand(2, 5, 3) + 0.05).sum().backward()  # this loss wants p smaller: it has no effect below 1
+    assert pool.p.grad.item() == 0.0
+
+
+def test_gem_p_above_one_gets_the_plain_gradient_and_old_checkpoints_load():
+    torch.manual_seed(1)
+    x = torch.rand(3, 7, 4) + 0.05
+    pool = GeM(p=3.0)
+    pool.load_state_dict({"p": torch.tensor(2.5)})  # the parameter and its meaning are unchanged
+    y = pool(x)
+    slow = torch.tensor(ref_gem(x.double().tolist(), 2.5), dtype=torch.float64)
+    torch.testing.assert_close(y.double(), slow, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert pool.p.grad.item() == pytest.approx(_ref_gem_slope_at(x.double(), 2.5), rel=1e-3)
 
 
 @pytest.mark.parametrize("how", ["softplus", "shift"])

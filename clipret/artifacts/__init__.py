@@ -23,6 +23,7 @@ from clipret.artifacts.atomic import (
     atomic_path,
     ensure_free_space,
     human_bytes,
+    kept_mode,
     read_json,
     remove_stale_temps,
     sha256_file,
@@ -46,6 +47,7 @@ from clipret.artifacts.model import (
     WEIGHTS_NAME,
     fingerprint_of,
     load_checkpoint,
+    load_model_folder,
     load_weights_file,
     read_model_config,
     save_checkpoint,
@@ -62,8 +64,8 @@ from clipret.artifacts.results import RESULTS_FORMAT, load_results, load_results
 
 __all__ = [
     "Embeddings", "array_digest", "content_hash", "ids_digest", "load_results_meta", "results_meta_path", "RESULTS_FORMAT", "save_embeddings", "load_embeddings", "manifest_path", "save_results", "load_results",
-    "save_model_folder", "read_model_config", "load_weights_file", "fingerprint_of", "save_checkpoint",
-    "load_checkpoint", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
+    "save_model_folder", "read_model_config", "load_model_folder", "load_weights_file", "fingerprint_of", "save_checkpoint",
+    "load_checkpoint", "kept_mode", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
     "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
     "INDEX_FORMAT", "read_index_pair", "read_sidecar", "sidecar_path", "write_index_pair",

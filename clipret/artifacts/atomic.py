@@ -1,11 +1,13 @@
 """Atomic file writes and small read helpers shared by every artifact.
 
 A write goes to a temporary file in the target folder, is flushed and
-fsynced, then renamed over the final name; the folder is fsynced too. The
-file gets the permissions a plain ``open()`` would give it (0666 minus the
-process umask), not ``mkstemp``'s private 0600. A
-process killed at any moment leaves the old file or the complete new one,
-plus at worst a hidden ``.NAME.*.tmp`` that :func:`remove_stale_temps` clears.
+fsynced, then renamed over the final name; the folder is fsynced too. A file
+that already exists keeps its permission bits (a model set to 0600 stays
+0600); a new one gets what a plain ``open()`` would give it (0666 minus the
+process umask), not ``mkstemp``'s private 0600. A process killed at any
+moment leaves the old file or the complete new one, plus at worst a hidden
+``.NAME.clipret-PID-XXXXXXXX.tmp`` that :func:`remove_stale_temps` clears
+(it leaves every other file alone, a user's ``.notes.tmp`` included).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +85,18 @@ def _is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or any(h in str(exc).lower() for h in _DISK_FULL_HINTS)
 
 
+_TEMP_TAG = "clipret"
+_TEMP_NAME = re.compile(rf"^\..+\.{_TEMP_TAG}-(\d+)-[A-Za-z0-9_]+\.tmp$")  # what atomic_path names its temporary files
+
+
+def kept_mode(path: str | os.PathLike[str]) -> int:
+    """The permission bits ``path`` keeps when replaced: its own, or 0666 minus the umask if it is new."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None, *, mkdir: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -97,7 +113,7 @@ def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None, *, m
     try:
         if mkdir:
             final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{_TEMP_TAG}-{os.getpid()}-", suffix=".tmp", dir=final.parent)
     except OSError as exc:
         raise write_error(final, exc, size_hint) from None
     os.close(fd)
@@ -105,9 +121,9 @@ def atomic_path(path: str | os.PathLike[str], size_hint: int | None = None, *, m
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
-            # mkstemp (and some writers' own temp files) give 0600; a plain open() would give
-            # 0666 minus the umask, so do the same, after the writer is done with the path.
-            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
+            # mkstemp (and some writers' own temp files) give 0600: set the mode the file being
+            # replaced has, or else what a plain open() would give, after the writer is done.
+            os.fchmod(fh.fileno(), kept_mode(final))
             fh.flush()
             os.fsync(fh.fileno())
         _fault.maybe_kill("before-rename", final.name)
@@ -150,13 +166,34 @@ def ensure_free_space(path: str | os.PathLike[str], needed: int, what: str) -> N
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temporary files a killed writer left in ``folder``; return how many."""
+    """Delete the temporary files killed clipret writers left in ``folder``; return how many.
+
+    Only :func:`atomic_path`'s own names (``.NAME.clipret-PID-XXXXXXXX.tmp``) are touched, and not
+    those of another process that is still running (it may be writing them now).
+    """
     n = 0
-    for p in Path(folder).glob(".*.tmp"):
+    for p in Path(folder).glob(f".*.{_TEMP_TAG}-*.tmp"):
+        m = _TEMP_NAME.match(p.name)
+        if m is None or _is_other_live_process(int(m.group(1))):
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             n += 1
     return n
+
+
+def _is_other_live_process(pid: int) -> bool:
+    """Whether ``pid`` is a running process other than this one (a killed writer's pid may be ours
+    again, e.g. pid 1 in a new container: its temp files are stale all the same)."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by another user
+    return True
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, mkdir: bool = True) -> None:

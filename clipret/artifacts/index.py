@@ -51,7 +51,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from clipret.artifacts.atomic import _fsync_dir, atomic_path, read_json, write_error, write_json
+from clipret.artifacts.atomic import _fsync_dir, atomic_path, kept_mode, read_json, write_error, write_json
 from clipret.errors import ClipretError
 
 INDEX_FORMAT = "clipret.index/1"
@@ -159,6 +159,7 @@ def write_index_pair(index_path: str | os.PathLike[str], index: Any, sidecar: di
             with open(tmp, "rb") as fh:
                 meta["faiss_bytes"], meta["faiss_sha256"] = _digest(fh)
             write_json(pending_path(index_path), meta)  # step 1 (the index is not yet in place)
+            os.chmod(pending_path(index_path), kept_mode(sidecar_path(index_path)))  # keep the sidecar's mode
             with open(tmp, "ab") as fh:  # the trailer that ties this file to `meta`
                 fh.write(_TRAILER.pack(_MAGIC, meta["generation"].encode("ascii"), meta["faiss_bytes"]))
         # step 2 happened when atomic_path renamed the index into place

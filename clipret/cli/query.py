@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
+from clipret.errors import ClipretError
 from clipret.cli._options import (
     K1,
     K2,
@@ -89,7 +90,7 @@ def query_command(
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
     if not query.exists():
-        _console.fail(f"query path not found: {query}")
+        raise ClipretError(f"query path not found: {query}")
     stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
     if not runtime.is_main() and not query.is_dir():
         return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks

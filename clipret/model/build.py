@@ -164,11 +164,10 @@ def save_model(folder: str | Path, encoder: nn.Module, spec: ModelSpec) -> str:
 def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec, str]:
     """Rebuild a saved model offline; returns (encoder in eval mode, spec, fingerprint)."""
     folder = Path(folder)
-    config = artifacts.read_model_config(folder)
+    config, state = artifacts.load_model_folder(folder)  # one pair: the config these weights belong to
     spec = ModelSpec.from_dict(config["model"])
     encoder = build_encoder(spec)
     weights = folder / artifacts.WEIGHTS_NAME
-    state = artifacts.load_weights_file(weights)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ClipretError(f"{weights} does not match {folder / artifacts.CONFIG_NAME} ({len(missing)} missing, {len(unexpected)} unexpected keys)")

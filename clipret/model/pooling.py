@@ -24,6 +24,7 @@ measurement with pretrained weights says otherwise.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 
 from clipret.model.choices import GEM_INPUTS
 
-__all__ = ["GEM_INPUTS", "GeM", "MeanPool", "gem", "nonnegative"]
+__all__ = ["GEM_INPUTS", "GeM", "MeanPool", "clamp_min_recoverable", "gem", "nonnegative"]
 
 
 def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6, dim: int = 1) -> torch.Tensor:
@@ -63,10 +64,36 @@ def nonnegative(x: torch.Tensor, how: str, eps: float = 1e-6) -> torch.Tensor:
     raise ValueError(f"unknown GeM input mapping {how!r}; choose from {GEM_INPUTS}")
 
 
+class _ClampMinRecoverable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, low: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.low = low
+        return x.clamp(min=low)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= ctx.low) | (grad < 0)), None  # grad < 0: a descent step raises x
+
+
+def clamp_min_recoverable(x: torch.Tensor, low: float) -> torch.Tensor:
+    """``max(x, low)``, with a gradient that lets ``x`` climb back once it has fallen below ``low``.
+
+    The forward is ``x.clamp(min=low)``. Where ``x >= low`` the gradient is clamp's (1). Below it,
+    clamp's is 0, so a gradient step can never raise ``x`` again; here the gradient passes
+    (straight through) when it points up (negative: descent raises ``x``) and stays 0 when it
+    points further down, so ``x`` does not drift off while it has no effect.
+    """
+    return _ClampMinRecoverable.apply(x, low)
+
+
 class GeM(nn.Module):
     """GeM pooling with a learnable exponent ``p`` (initialised at 3).
 
-    Input (B, N, C), output (B, C).
+    Input (B, N, C), output (B, C). The forward uses ``max(p, 1)``, as it always has; a ``p`` that
+    fell below 1 keeps the gradient that raises it (:func:`clamp_min_recoverable`). The parameter
+    is still ``p`` itself, so checkpoints of any clipret version load unchanged.
     """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, input_map: str = "clamp") -> None:
@@ -79,7 +106,7 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nonnegative(x.float(), self.input_map, self.eps)
-        return gem(x, self.p.clamp(min=1.0), self.eps, dim=1)
+        return gem(x, clamp_min_recoverable(self.p, 1.0), self.eps, dim=1)
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.3f}, eps={self.eps}, input_map={self.input_map!r}"

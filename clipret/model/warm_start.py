@@ -51,7 +51,7 @@ def load_run_weights(encoder: nn.Module, run: Path) -> list[str]:
     """Load ``run``'s weights into ``encoder`` (a fresh :class:`RetrievalNet`): the whole tower,
     and each of the pooling and head where every tensor's shape fits. Returns notes on what
     started fresh (empty when everything came from the run)."""
-    state = artifacts.load_weights_file(run / artifacts.WEIGHTS_NAME)
+    state = artifacts.load_model_folder(run)[1]
     own = encoder.state_dict()
     tower = {k: v for k, v in state.items() if k.startswith("tower.")}
     missing = [k for k in own if k.startswith("tower.") and k not in tower]
