@@ -44,25 +44,26 @@ import hashlib
 import os
 import re
 import struct
-import threading
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
-from clipret.artifacts.atomic import _fsync_dir, atomic_path, kept_mode, read_json, write_error, write_json
+from clipret.artifacts.atomic import _fsync_dir, atomic_path, kept_mode, read_json, write_json
+from clipret.artifacts.index_check import INDEX_CLASSES, check_index, faiss_class, metric_name
+from clipret.artifacts.index_lock import LOCK_TIMEOUT, LOCK_TIMEOUT_ENV, index_lock, index_not_found, lock_path, lock_timeout
 from clipret.errors import ClipretError
 
+__all__ = [
+    "INDEX_CLASSES", "INDEX_FORMAT", "LOCK_TIMEOUT", "LOCK_TIMEOUT_ENV", "TRAILER_SIZE", "check_index", "faiss_class",
+    "index_lock", "lock_path", "lock_timeout", "metric_name", "new_generation", "pending_path", "read_index_pair",
+    "read_sidecar", "sidecar_path", "write_index_pair",
+]
+
 INDEX_FORMAT = "clipret.index/1"
-INDEX_CLASSES = {"flat": "IndexFlatIP", "hnsw": "IndexHNSWFlat", "ivf": "IndexIVFFlat", "ivfpq": "IndexIVFPQ"}
-LOCK_TIMEOUT_ENV = "CLIPRET_INDEX_LOCK_TIMEOUT"
-LOCK_TIMEOUT = 600.0  # seconds a writer waits for another one
 _MAGIC = b"CLIPRET-INDEX-GENERATION"  # 24 bytes
 _TRAILER = struct.Struct("<24s32sQ")  # magic, generation (32 hex digits), length of the faiss bytes
 TRAILER_SIZE = _TRAILER.size  # 64
 _WRITTEN = ("format", "generation", "faiss_bytes", "faiss_sha256", "faiss_class", "metric", "dim", "ntotal")
-_held: set[tuple[int, Path]] = set()  # (thread, lock file) now held: the holder may take its lock again
 
 
 def sidecar_path(index_path: str | os.PathLike[str]) -> Path:
@@ -77,67 +78,9 @@ def pending_path(index_path: str | os.PathLike[str]) -> Path:
     return p.with_name(f".{p.name}.json.pending")
 
 
-def lock_path(index_path: str | os.PathLike[str]) -> Path:
-    """The writers' lock file: ``.gallery.faiss.lock`` (left in place; only its ``flock`` matters)."""
-    p = Path(index_path)
-    return p.with_name(f".{p.name}.lock")
-
-
 def new_generation() -> str:
     """32 random hex digits."""
     return uuid.uuid4().hex
-
-
-def lock_timeout() -> float:
-    """Seconds a writer waits for the lock: ``CLIPRET_INDEX_LOCK_TIMEOUT``, else ``LOCK_TIMEOUT``."""
-    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    try:
-        return float(text) if text else LOCK_TIMEOUT
-    except ValueError:
-        raise ClipretError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
-
-
-@contextlib.contextmanager
-def index_lock(index_path: str | os.PathLike[str], *, timeout: float | None = None, create: bool = False) -> Iterator[None]:
-    """Hold the exclusive writers' lock of an index pair (``flock`` on :func:`lock_path`).
-
-    Waits up to ``timeout`` seconds (default :func:`lock_timeout`), then raises a one-line
-    :class:`ClipretError`. A thread that holds the lock may take it again. Without ``create`` (a
-    build) a missing index is a one-line error, and no lock file is left beside it.
-    """
-    import fcntl
-
-    path = lock_path(index_path).absolute()
-    key = (threading.get_ident(), path)
-    if key in _held:
-        yield
-        return
-    wait = lock_timeout() if timeout is None else timeout
-    if not create and not Path(index_path).is_file():
-        raise _not_found(Path(index_path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ClipretError(f"another process is changing {index_path} (waited {wait:g} s for {path.name}); "
-                                       f"let it finish and rerun, or set {LOCK_TIMEOUT_ENV} to wait longer") from None
-                time.sleep(0.05)
-        _held.add(key)
-        try:
-            yield
-        finally:
-            _held.discard(key)
-    finally:
-        os.close(fd)  # releases the flock
 
 
 def write_index_pair(index_path: str | os.PathLike[str], index: Any, sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -192,10 +135,6 @@ def _digest(fh: IO[bytes], size: int | None = None) -> tuple[int, str]:
     return done, h.hexdigest()
 
 
-def _not_found(index_path: Path) -> ClipretError:
-    return ClipretError(f"index not found: {index_path}; build it with `clipret index EMBEDDINGS.npy --out {index_path}`")
-
-
 def _trailer(fh: IO[bytes]) -> tuple[str, int] | None:
     """(generation, faiss byte count) from an open index file's trailer, or None if it has none."""
     total = fh.seek(0, os.SEEK_END)
@@ -213,7 +152,7 @@ def _open_index_file(index_path: Path) -> tuple[IO[bytes], tuple[str, int]]:
     try:
         fh = open(index_path, "rb")
     except FileNotFoundError:
-        raise _not_found(index_path) from None
+        raise index_not_found(index_path) from None
     trailer = _trailer(fh)
     if trailer is None:
         fh.close()
@@ -306,66 +245,3 @@ def read_index_pair(index_path: str | os.PathLike[str]) -> tuple[Any, dict[str, 
             raise ClipretError(f"cannot read {index_path} as a FAISS index ({reason}); rebuild it") from None
     check_index(index, meta, index_path)
     return index, meta
-
-
-def faiss_class(index: Any) -> str:
-    """The class ``faiss.read_index`` gives ``index`` back as (a flat index reads back as IndexFlatIP or IndexFlatL2)."""
-    import faiss
-
-    name = type(faiss.downcast_index(index)).__name__
-    if name == "IndexFlat":
-        return {faiss.METRIC_INNER_PRODUCT: "IndexFlatIP", faiss.METRIC_L2: "IndexFlatL2"}.get(index.metric_type, name)
-    return name
-
-
-def metric_name(metric_type: int) -> str:
-    import faiss
-
-    return {faiss.METRIC_INNER_PRODUCT: "inner_product", faiss.METRIC_L2: "l2"}.get(metric_type, f"faiss metric {metric_type}")
-
-
-def check_index(index: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Refuse, in one line, a loaded ``index`` that does not match its sidecar ``meta``.
-
-    Checks the class for the sidecar's ``type``, the inner-product metric, dim, the vector count
-    (live ids + HNSW tombstones = ``label_count`` - IVF holes = ``ntotal``) and the labels: every
-    IVF list entry a live label below ``label_count``, each once. Flat and HNSW labels are positions
-    below ``ntotal`` (FAISS's reader checks HNSW links).
-    """
-    import faiss
-    import numpy as np
-
-    def refuse(what: str) -> NoReturn:
-        raise ClipretError(f"{path} {what}; rebuild the index")
-
-    kind, cls, metric = meta.get("type"), type(index).__name__, metric_name(index.metric_type)
-    if cls != INDEX_CLASSES.get(kind) or meta.get("faiss_class", cls) != cls:
-        said = meta["faiss_class"] if cls == INDEX_CLASSES.get(kind) else f"a {kind} index ({INDEX_CLASSES.get(kind)})"
-        refuse(f"is a FAISS {cls} but its sidecar describes {said}")
-    if metric != "inner_product" or meta.get("metric", metric) != metric:
-        refuse(f"uses the {metric} metric (its sidecar says {meta.get('metric')}), not the inner product")
-    if index.d != meta.get("dim"):
-        refuse(f"has dim {index.d} but its sidecar says {meta.get('dim')}")
-    label_count = meta.get("label_count")
-    try:
-        gone = [np.asarray(meta.get(k, []), dtype=np.int64).reshape(-1) for k in ("holes", "tombstones")]
-    except (TypeError, ValueError):
-        refuse("has a sidecar whose holes or tombstones are not lists of labels")
-    live = len(meta["ids"])
-    stored = live + gone[1].size  # tombstoned vectors stay in an HNSW graph
-    if (not isinstance(label_count, int) or meta.get("count") != live or label_count - gone[0].size != stored
-            or index.ntotal != stored or meta.get("ntotal", stored) != stored
-            or any(g.size and (g.min() < 0 or g.max() >= label_count or np.unique(g).size != g.size) for g in gone)):
-        refuse(f"holds {index.ntotal} vectors but its sidecar accounts for {stored} ({live} ids, {gone[1].size} tombstones)")
-    if kind in ("ivf", "ivfpq"):
-        lists, seen, total = faiss.extract_index_ivf(index).invlists, np.zeros(label_count, dtype=bool), 0
-        for i in range(lists.nlist):
-            n = lists.list_size(i)
-            labels = faiss.rev_swig_ptr(lists.get_ids(i), n) if n else np.zeros(0, dtype=np.int64)
-            bad = labels[(labels < 0) | (labels >= label_count)]
-            if bad.size:
-                refuse(f"stores label {bad[0]}, which is no row of its sidecar (0 to {label_count - 1})")
-            seen[labels] = True
-            total += n
-        if total != index.ntotal or int(seen.sum()) != total or seen[gone[0]].any():
-            refuse("stores a label twice, or one its sidecar lists as removed")
