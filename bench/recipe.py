@@ -195,7 +195,7 @@ def finetune(args: argparse.Namespace, cache: fp.ResultCache) -> tuple[dict[str,
             args, "finetune", seed, ROWS[0], cache, {"pretrained": str(base.run)}, name="fine-tuned (default)",
             need_run=True)  # its metrics.jsonl gives the per-epoch check
         history = [json.loads(line) for line in (tuned.run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        start = next((r["val_map@r"] for r in history if r["epoch"] == 0), None)
+        start = next((r.get("val_map@r") for r in history if r["epoch"] == 0), None)
         epochs = [r["val_map@r"] for r in history if r["epoch"] > 0 and "val_map@r" in r]
         checks[seed] = {"start": start, "min": min(epochs) if epochs else None,
                         "never_below": start is not None and bool(epochs) and min(epochs) >= start}

@@ -1,13 +1,17 @@
 """Settings for training, as one dataclass; TOML in, JSON out.
 
 Every ``clipret train`` option can come from a TOML file (``--config
-train.toml``), whose keys are the option names with dashes or underscores;
-flags given on the command line override the file.
+train.toml``), whose keys are the options' long names with dashes or
+underscores (``images-per-class``, ``images_per_class`` or ``k``); flags given
+on the command line override the file. The switches that replace or continue
+a run (``--overwrite``, ``--resume``) and ``--config`` itself are command-line only.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ import tomllib
 from clipret.errors import ClipretError
 from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
 
-__all__ = ["AMPS", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
+__all__ = ["AMPS", "COMMAND_LINE_ONLY", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
 
 AMPS = ("auto", "bf16", "fp16", "none")
 NO_WEIGHTS = ("none", "", "random")  # --pretrained values that mean random init (clipret.model.backbone)
@@ -27,6 +31,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.
 RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every", "grad_checkpointing", "channels_last",
                       "compile", "tf32")
+# Never read from a settings file: they replace or continue a run (data lost or mixed), or name the file itself.
+COMMAND_LINE_ONLY = ("overwrite", "resume", "config")
 
 
 @dataclass
@@ -97,8 +103,8 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.p >= 2, "--p must be at least 2 (metric learning needs several classes per batch)"),
-            (self.k >= 2, "--k must be at least 2 (each class needs a positive pair)"),
+            (self.p >= 2, "--classes-per-batch (--p) must be at least 2 (metric learning needs several classes per batch)"),
+            (self.k >= 2, "--images-per-class (--k) must be at least 2 (each class needs a positive pair)"),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.val_split < 1, "--val-split must be in [0, 1)"),
             (self.llrd is None or 0 < self.llrd <= 1, "--llrd must be in (0, 1]"),
@@ -131,10 +137,14 @@ class TrainConfig:
                 raise ClipretError(msg)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML settings file into {option_name_with_underscores: value}.
+def read_toml(path: str | Path, keys: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a TOML settings file into {setting: value}.
 
-    A ``[train]`` table is used if present, otherwise the top level.
+    A ``[train]`` table is used if present, otherwise the top level. ``keys`` maps every key the
+    file may use, in underscore form, to its setting (``clipret train`` passes each option's long
+    names: ``images_per_class`` and ``k`` both give ``k``); a dash in a key counts as an underscore.
+    Default: the :class:`TrainConfig` field names. Raises :class:`ClipretError`, in one line, for a
+    key that is unknown, command-line only (:data:`COMMAND_LINE_ONLY`), or a second one for a setting.
     """
     path = Path(path)
     try:
@@ -144,4 +154,27 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ClipretError(f"{path} is not valid TOML ({exc})") from None
     table = data.get("train", data)
-    return {str(k).replace("-", "_"): v for k, v in table.items()}
+    keys = keys if keys is not None else {n: n for n in [*(f.name for f in fields(TrainConfig)), *COMMAND_LINE_ONLY]}
+    _refuse_keys(path, [str(k) for k in table], keys)
+    return {keys[str(k).replace("-", "_")]: v for k, v in table.items()}
+
+
+def _refuse_keys(path: Path, given: list[str], keys: Mapping[str, str]) -> None:
+    """One-line errors for the keys of ``given`` (as written in the file) that :func:`read_toml` does not take."""
+    setting = {k: keys.get(k.replace("-", "_")) for k in given}  # None: unknown
+    only = [k for k in given if setting[k] in COMMAND_LINE_ONLY]
+    if only:
+        flags = ", ".join(f"--{setting[k]}" for k in only)
+        raise ClipretError(f"{path}: {', '.join(only)} {'is' if len(only) == 1 else 'are'} command-line only (a settings "
+                           f"file never replaces or continues a run); remove it from the file and pass {flags} on the command line")
+    unknown = [k for k in given if setting[k] is None]
+    if unknown:
+        valid = sorted({k.replace("_", "-") for k, s in keys.items() if s not in COMMAND_LINE_ONLY})
+        near = {k: difflib.get_close_matches(k.replace("_", "-"), valid, n=1) for k in unknown}
+        named = ", ".join(k + (f" (did you mean {near[k][0]}?)" if near[k] else "") for k in unknown)
+        listing = "" if all(near.values()) else f"; valid keys: {', '.join(valid)}"
+        raise ClipretError(f"{path}: unknown setting(s) {named}{listing}")
+    for name in dict.fromkeys(setting.values()):
+        twice = [k for k in given if setting[k] == name]
+        if len(twice) > 1:
+            raise ClipretError(f"{path}: {' and '.join(twice)} set the same setting; keep one of them")

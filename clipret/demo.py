@@ -6,8 +6,9 @@ evaluate), so a green demo means the pipeline works on this machine.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
-from importlib import resources
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,27 @@ DEMO_DATASET: dict[str, int] = {
 }
 
 
-def demo_model_config() -> Path:
-    """Path of the bundled tiny open_clip config the demo trains (a width-8 ModifiedResNet)."""
-    return Path(str(resources.files("clipret") / "configs" / DEMO_MODEL))
+# TrainConfig fields whose command-line name is not the field's own
+_LONG_NAMES = {"p": "classes-per-batch", "k": "images-per-class"}
+
+
+def train_command_line(cfg: TrainConfig, *, overwrite: bool = False) -> str:
+    """The ``clipret train`` command that trains what ``cfg`` says: its root, then every setting
+    that differs from the default, each under its long flag name (quoted for a POSIX shell)."""
+    default = TrainConfig()
+    words = ["clipret", "train", cfg.root]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name == "root" or value == getattr(default, f.name) or value is None:
+            continue
+        flag = _LONG_NAMES.get(f.name, f.name.replace("_", "-"))
+        if isinstance(value, bool):
+            words.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            words += [f"--{flag}", str(value)]
+    if overwrite:
+        words.append("--overwrite")
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def demo_train_config(root: Path, out: Path, *, epochs: int, seed: int) -> TrainConfig:
@@ -41,7 +60,7 @@ def demo_train_config(root: Path, out: Path, *, epochs: int, seed: int) -> Train
     costs time. The miner runs only over the last epochs.
     """
     return TrainConfig(
-        root=str(root), out=str(out), model=str(demo_model_config()), pretrained="none",
+        root=str(root), out=str(out), model=DEMO_MODEL, pretrained="none",  # a bundled config: resolves by name anywhere
         image_size=DEMO_IMAGE_SIZE, epochs=epochs, p=8, k=4, lr=4e-3, head_lr_mult=1.0, llrd=1.0,
         mine_from_epoch=max(1, epochs - 2),
         aug_crop=False, aug_color_jitter=0.0, aug_erasing=0.0, aug_grayscale=0.0,
@@ -65,27 +84,34 @@ def run_demo(
     from clipret.retrieval.search import ExactSearcher
     from clipret.train.loop import train
 
+    workdir = workdir.resolve()  # the printed commands run from any folder
     root, run = workdir / "data", workdir / "run"
     if not (root / "training").is_dir():
         on_stage(f"drawing a synthetic dataset into {root}")
         make_synthetic_dataset(root, seed=seed, **DEMO_DATASET)
-    on_stage(f"clipret train {root} --model {demo_model_config().name} --pretrained none --out {run}")
-    train(demo_train_config(root, run, epochs=epochs, seed=seed), overwrite=True, on_event=on_train_event or (lambda k, p: None))
+    cfg = demo_train_config(root, run, epochs=epochs, seed=seed)
+    on_stage(train_command_line(cfg, overwrite=True))
+    train(cfg, overwrite=True, on_event=on_train_event or (lambda k, p: None))
     embs = {}
     for split in ("gallery", "query"):
         out = workdir / f"{split}.npy"
-        on_stage(f"clipret embed {root / 'test' / split} --model {run} --out {out}")
+        on_stage(_line("embed", root / "test" / split, "--model", run, "--out", out))
         e = embed_folder(root / "test" / split, str(run), workers=0, device="cpu")
         artifacts.save_embeddings(out, e.vectors, e.ids, fingerprint=e.fingerprint, flags=e.flags, skipped=e.skipped,
                                   root=e.root)
         embs[split] = e
     results = workdir / "results.json"
-    on_stage(f"clipret query {workdir / 'query.npy'} --gallery {workdir / 'gallery.npy'} --k 10 --out {results}")
+    on_stage(_line("query", workdir / "query.npy", "--gallery", workdir / "gallery.npy", "--k", 10, "--out", results))
     scores, idx = ExactSearcher(embs["gallery"].vectors).search(embs["query"].vectors, 10)
     artifacts.save_results(results, embs["query"].ids, [[embs["gallery"].ids[j] for j in row] for row in idx], scores)
     labels = root / "test" / "labels.csv"
-    on_stage(f"clipret evaluate {results} --labels {labels} --k 1 5 10")
+    on_stage(_line("evaluate", results, "--labels", labels, "--k", 1, 5, 10))
     metrics = evaluate_results(artifacts.load_results(results), read_labels_csv(labels), embs["gallery"].ids, [1, 5, 10])
     n_classes = len({v for v in read_labels_csv(labels).values()})
     metrics["chance_recall@1"] = 1.0 / n_classes
     return metrics
+
+
+def _line(*words: Any) -> str:
+    """A ``clipret`` command line, each word quoted for a POSIX shell."""
+    return " ".join(shlex.quote(str(w)) for w in ("clipret", *words))

@@ -149,6 +149,7 @@ def embed_folder(
     out: str | Path | None = None,
     shard_size: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
@@ -163,17 +164,22 @@ def embed_folder(
     """List, decode and embed every image under ``folder`` with ``model``.
 
     ``model`` is a trained run folder or an open_clip name/config (zero-shot
-    CLIP embedding with ``pretrained`` weights). With ``strict``, any image
-    that cannot be decoded raises :class:`ClipretError` and nothing is written.
+    CLIP embedding with ``pretrained`` weights). With ``strict``, every image is checked
+    first (:func:`clipret.data.validate.check_images`): any that cannot be decoded raises
+    :class:`ClipretError` naming the count and the first few, and nothing is embedded or written.
     ``batch_size`` defaults to 256 on CUDA, 64 on the CPU.
 
     With ``out`` (a .npy path) the result is also written there with its
     manifest, and progress is kept in shards of ``shard_size`` ids under
     ``OUT.parts/`` (default: :func:`clipret.sharding.auto_shard_size`): with ``resume``,
-    finished shards of an interrupted run (same model fingerprint, same ids) are reused and
-    only missing ones are embedded. Every shard is embedded in the same batches whoever embeds
-    it, so the merged result is identical to an uninterrupted run. The parts folder is
-    removed once ``out`` is written.
+    finished shards of an interrupted run are reused and only missing ones are embedded. They
+    must match: the same model fingerprint, the same ids, and every setting that changes a row
+    (:data:`clipret.embed_parts.ROW_SETTINGS`: --tta, --exact-decode, the batch size, the amp
+    dtype, the device type), else :class:`ClipretError`; ``shard_size`` and ``batch_size`` left
+    None take the interrupted run's. Every shard is embedded in the same batches whoever embeds
+    it, so the merged result is identical to an uninterrupted run. Without ``resume``, finished
+    shards of an interrupted run are an error unless ``overwrite`` (start again). The parts
+    folder is removed once ``out`` is written.
 
     Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0 lists the folder, each rank
     embeds a contiguous block of the shards still to do, and rank 0 merges them. Rank 0
@@ -189,6 +195,6 @@ def embed_folder(
         from clipret.sharded_embed import run
 
         return run(folder, model, pretrained, out=Path(out) if out is not None else None, shard_size=shard_size,
-                   resume=resume, batch_size=batch_size or default_batch_size(dev), workers=workers, device=dev, amp=amp,
+                   resume=resume, overwrite=overwrite, batch_size=batch_size, workers=workers, device=dev, amp=amp,
                    strict=strict, tta=parse_tta(tta), dba=dba, exact_decode=exact_decode, on_start=on_start,
                    on_batch=on_batch, group=group)

@@ -1,4 +1,4 @@
-"""Device, precision, seeding and distributed-rank helpers shared by every command.
+"""Device, precision, seeding, distributed-rank and stop-signal helpers shared by every command.
 
 Rank helpers read the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), so
 code can ask "am I rank 0?" before, or without, initialising a process group.
@@ -7,9 +7,15 @@ Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shlex
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from clipret.errors import ClipretError
@@ -134,3 +140,79 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- SIGINT and SIGTERM
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM stopped a command; it exits with :attr:`exit_code` (130 or 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class StopRequest:
+    """The first stop signal :func:`catch_stop_signals` caught, if any (its number, else None)."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def catch_stop_signals(defer: bool) -> Iterator[StopRequest]:
+    """Handle SIGINT and SIGTERM inside the block; the previous handlers come back on the way out.
+
+    ``defer=False``: raise :class:`Interrupted` at once (what is finished stays finished).
+    ``defer=True``: only note the first signal in the yielded :class:`StopRequest`; the caller
+    stops at its next safe point. On one process a second Ctrl-C raises :class:`Interrupted` at
+    once. Under torchrun repeats are ignored: the launcher passes on the Ctrl-C every rank already
+    got (and kills the ranks 30 s later). Off the main thread, where Python cannot set handlers,
+    nothing is caught.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        again = request.signum is not None and signum == signal.SIGINT and world_size() == 1
+        if not defer or again:
+            raise Interrupted(signum)
+        if request.signum is None:
+            request.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    stopping = False
+    try:
+        yield request
+    except Interrupted:
+        # Every rank stops together under torchrun, also those the signal never reached. Once one rank
+        # exits, the launcher sends the others SIGTERM: that must not kill them mid-exit (their own exit
+        # code, 130/143, says why they stopped).
+        stopping = world_size() > 1
+        raise
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_IGN if stopping else (h if h is not None else signal.SIG_DFL))
+
+
+def command_line(args: Sequence[str]) -> str:
+    """``clipret ARGS`` quoted for a POSIX shell; under torchrun, launched the same way (on several
+    nodes, torchrun's own options are left for the user to add)."""
+    line = shlex.join(["clipret", *map(str, args)])
+    if world_size() <= 1:
+        return line
+    if world_size() == local_world_size():
+        return f"torchrun --nproc_per_node {local_world_size()} -m {line}"
+    return f"torchrun <the same options> -m {line}"

@@ -3,8 +3,9 @@
 Every rank runs :func:`run` with the same arguments. With one process the collectives are
 local, and this is the plain single-process embedding.
 
-1. Rank 0 lists the folder (and, with ``out``, prepares ``OUT.parts/``); the others get its
-   ids, or stop with its error.
+1. Rank 0 lists the folder (with ``strict``, checks every image first: one bad file and
+   nothing is embedded or written) and, with ``out``, prepares ``OUT.parts/``; the others get
+   its ids, or stop with its error.
 2. With ``--resume``, each rank checks a contiguous block of the shard files; the finished
    shards are gathered, and the shards still to do are split into contiguous blocks, one per
    rank (so a resumed run with any world size shares the remaining work evenly).
@@ -22,32 +23,35 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from clipret import artifacts, distributed, runtime
 from clipret.artifacts import Embeddings
 from clipret.data.decode import decode_side_for
 from clipret.embed_parts import discard_parts, load_shard, prepare_parts, reusable_shard, shard_path
 from clipret.errors import ClipretError
-from clipret.sharding import shard_bounds, split_contiguous
+from clipret.sharding import auto_shard_size, shard_bounds, split_contiguous
 from clipret.tta import tta_transform
+
+AMP_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}  # --amp as run.json records it
 
 
 def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | None, shard_size: int | None, resume: bool,
-        batch_size: int, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None, dba: int,
-        exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
+        overwrite: bool, batch_size: int | None, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None,
+        dba: int, exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
         group: Any) -> Embeddings:
     """See :func:`clipret.inference.embed_folder`; ``group`` is :func:`clipret.distributed.work_group`'s."""
     from clipret.data.layout import scan_images
-    from clipret.inference import embed_shards
+    from clipret.inference import default_batch_size, embed_shards
     from clipret.model.build import open_encoder
 
     rank, world = distributed.rank_and_world(group)
+    autocast = runtime.resolve_amp(amp, device)
 
     def listing() -> tuple[list[str], list[dict[str, str]]]:
         ids, unlisted = scan_images(folder)
-        if strict and unlisted:
-            raise ClipretError(f"{len(unlisted)} image(s) cannot be used (first: {unlisted[0]['id']}: "
-                               f"{unlisted[0]['reason']}); nothing written (--strict)")
+        if strict:
+            check_all(folder, ids, unlisted, workers)
         return ids, unlisted
 
     ids, unlisted = distributed.from_main(listing, group)
@@ -58,14 +62,18 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
 
     parts: Path | None = None
     if out is not None:
-        def prepare() -> tuple[Path, int]:
+        def prepare() -> tuple[Path, dict[str, Any]]:
             # the shards in OUT.parts/ and the merged file exist side by side for a moment
             artifacts.ensure_free_space(out, 2 * len(ids) * int(encoder.embed_dim) * 4 + (1 << 20), "the embeddings")
-            return prepare_parts(out, ids, fingerprint, shard_size, resume, tta)
+            settings = {"shard_size": shard_size, "batch_size": batch_size, "tta": tta, "exact_decode": bool(exact_decode),
+                        "amp": AMP_NAMES[autocast], "device": device.type}
+            automatic = {"shard_size": auto_shard_size(len(ids)), "batch_size": default_batch_size(device)}
+            return prepare_parts(out, ids, fingerprint, settings, automatic, resume=resume, overwrite=overwrite)
 
-        parts, size = distributed.from_main(prepare, group)
+        parts, chosen = distributed.from_main(prepare, group)
+        size, batch_size = chosen["shard_size"], chosen["batch_size"]
     else:  # nothing to resume: one contiguous block of ids per rank
-        size = max(1, -(-len(ids) // world))
+        size, batch_size = max(1, -(-len(ids) // world)), batch_size or default_batch_size(device)
     bounds = shard_bounds(len(ids), size)
 
     have: dict[int, Embeddings] = {}  # shards this rank holds in memory
@@ -86,16 +94,15 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
         on_batch(reused)
 
     def strict_failure(skipped: list[dict[str, str]]) -> str:
-        """Discard ``OUT.parts/`` (--strict writes nothing) and say why, in one line."""
+        """A file passed :func:`check_all` but not decoding: discard ``OUT.parts/`` (--strict writes
+        nothing) and say why, in one line."""
         if parts is not None:
             discard_parts(parts)
-        first = skipped[0]
-        return (f"{len(skipped)} image(s) could not be read (first: {first['id']}: {first['reason']}); "
-                "nothing written (--strict)")
+        return strict_message(skipped)
 
     results = embed_shards(encoder, folder, ids, [bounds[n] for n in mine], tta_transform(spec.preprocess, tta),
                            batch_size=batch_size, workers=_loader_workers(workers, n_mine), device=device,
-                           amp=runtime.resolve_amp(amp, device), decode_side=decode_side_for(spec.preprocess["size"], exact_decode),
+                           amp=autocast, decode_side=decode_side_for(spec.preprocess["size"], exact_decode),
                            on_batch=on_batch)
     for n, (vectors, kept, skipped) in zip(mine, results):
         if strict and skipped:
@@ -122,6 +129,7 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     if strict and skipped:
         distributed.fail_together(strict_failure(skipped), group)
     result = _join(shards, fingerprint, flags, skipped)
+    result.root = Path(folder).resolve()
     if not len(result):
         distributed.fail_together(f"none of the {len(ids)} images in {folder} could be read (first: {skipped[0]['id']}: "
                                 f"{skipped[0]['reason']})", group)
@@ -130,10 +138,31 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
 
         result.vectors = apply_dba(result.vectors, dba)
     if out is not None and rank == 0:
-        artifacts.save_embeddings(out, result.vectors, result.ids, fingerprint=fingerprint, flags=flags, skipped=skipped)
+        artifacts.save_embeddings(out, result.vectors, result.ids, fingerprint=fingerprint, flags=flags, skipped=skipped,
+                                  root=result.root)
         shutil.rmtree(parts, ignore_errors=True)  # type: ignore[arg-type]
         result.path = out
     return result
+
+
+def check_all(folder: str | Path, ids: list[str], unlisted: list[dict[str, str]], workers: int | None) -> None:
+    """--strict, before anything is embedded: check every image as training does
+    (:func:`clipret.data.validate.check_images`, cached) and raise one :class:`ClipretError` that
+    counts every unreadable file (the ones a run without --strict skips) and names the first."""
+    from clipret.data.validate import check_images
+
+    bad = check_images(folder, ids, workers=max(1, runtime.resolve_workers(workers, len(ids))))
+    unreadable = sorted(unlisted + [{"id": i, "reason": r} for i, r in bad.items()], key=lambda s: s["id"])
+    if unreadable:
+        raise ClipretError(strict_message(unreadable))
+
+
+def strict_message(unreadable: list[dict[str, str]], shown: int = 3) -> str:
+    """``N image(s) could not be read (the first few, with reasons); nothing written (--strict)...``"""
+    first = "; ".join(f"{s['id']}: {s['reason']}" for s in unreadable[:shown])
+    more = f"; +{len(unreadable) - shown} more" if len(unreadable) > shown else ""
+    return (f"{len(unreadable)} image(s) could not be read ({first}{more}); nothing written (--strict): "
+            "fix or remove them, or leave out --strict to skip them")
 
 
 def _join(shards: list[Embeddings], fingerprint: str, flags: dict[str, Any], skipped: list[dict[str, str]]) -> Embeddings:

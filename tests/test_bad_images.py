@@ -339,6 +339,36 @@ def test_embed_strict_writes_nothing(mixed, tmp_path):
     assert not any(tmp_path.iterdir())  # no temp files left behind either
 
 
+def test_embed_strict_checks_every_image_first_and_embeds_nothing(tmp_path, monkeypatch):
+    """4 bad files of different kinds, one per shard of 4: --strict counts all 4 (as the normal run
+    skips 4), names the first, writes nothing and never runs the encoder."""
+    import clipret.inference
+
+    folder = tmp_path / "imgs"
+    names = write_normal_images(folder, 12)
+    (folder / "normal_02a_empty.jpg").write_bytes(b"")
+    (folder / "normal_05a_text.jpg").write_text("not an image")
+    (folder / "normal_08a_truncated.jpg").write_bytes((folder / "normal_0.jpg").read_bytes()[:200])
+    os.symlink("missing.png", folder / "normal_9a_link.png")
+    assert len(names) + 4 == len(list(folder.iterdir()))
+
+    r = embed(folder, tmp_path / "all.npy", "--shard-size", 4)
+    assert r.exit_code == 0, r.output
+    assert "skipped 4 unreadable image(s)" in r.stderr
+
+    calls = []
+    real = clipret.inference.embed_shards
+    monkeypatch.setattr(clipret.inference, "embed_shards", lambda *a, **k: calls.append(a) or real(*a, **k))
+    out = tmp_path / "out" / "x.npy"
+    r = embed(folder, out, "--shard-size", 4, "--strict")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "4 image(s) could not be read" in lines[0] and "--strict" in lines[0], r.stderr
+    assert "normal_02a_empty.jpg: empty file" in lines[0] and "+1 more" in lines[0]
+    assert calls == []  # nothing embedded
+    assert not out.parent.exists()  # nothing written: no OUT, no OUT.parts
+
+
 def test_query_folder_with_bad_files(mixed, tmp_path):
     folder, expected = mixed
     gallery_dir = tmp_path / "gallery"

@@ -190,6 +190,50 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
 
 
 # ---------------------------------------------------------------------------
+# skipping a non-finite step together
+# ---------------------------------------------------------------------------
+
+SPOIL_SCRIPT = """
+import sys
+import torch
+from clipret import runtime
+from clipret.cli import main
+from clipret.train import loop
+
+original = loop.train_step
+
+def step(state, batch, epoch):  # rank 1 alone: its head's BatchNorm statistics go inf in step 2's forward
+    spoil = lambda module, inputs, output: setattr(module, "running_var", torch.full_like(module.running_var, float("inf")))
+    handle = state.model.head.bn.register_forward_hook(spoil) if runtime.rank() == 1 and state.step == 1 else None
+    try:
+        return original(state, batch, epoch)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+loop.train_step = step
+sys.argv[0] = "clipret"
+main()
+"""
+
+
+def test_every_rank_skips_a_step_whose_statistics_are_not_finite_on_one_rank(tiny_dataset, tmp_path):
+    """The loss and the averaged gradient stay finite, so only rank 1 sees the problem: unless the
+    ranks agree, rank 0 takes the step and rank 1 does not, and their weights part for good."""
+    (tmp_path / "spoil.py").write_text(SPOIL_SCRIPT)
+    args = [a if prev != "--epochs" else "2" for prev, a in zip([""] + ARGS, ARGS)]
+    r = subprocess.run([*TORCHRUN, str(tmp_path / "spoil.py"), "train", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                        *args], capture_output=True, text=True, env=_env(CLIPRET_TRAIN_TRACE=str(tmp_path / "trace")),
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    steps = trace(tmp_path / "trace")
+    assert [s["params"] for s in steps[0]] == [s["params"] for s in steps[1]]
+    assert steps[0][1]["params"] == steps[0][0]["params"] != steps[0][2]["params"]  # step 2 changed nothing
+    assert [row["skipped_steps"] for row in metrics(tmp_path / "run")] == [1, 0]
+    assert "skipped the update of step 2" in " ".join(r.stderr.split())
+
+
+# ---------------------------------------------------------------------------
 # failing together
 # ---------------------------------------------------------------------------
 

@@ -120,3 +120,37 @@ def test_a_results_folder_moved_with_its_gallery_still_evaluates(gallery, tmp_pa
     r = _run("evaluate", moved / "r.json", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == before
+
+
+def test_embed_with_a_config_and_no_weights_warns_once_unless_none_was_said(tiny_dataset, tmp_path):
+    from conftest import TINY_VIT
+
+    gal = tiny_dataset / "test" / "gallery"
+    common = ["--model", TINY_VIT, "--device", "cpu", "--workers", 0]
+    r = _run("embed", gal, "--out", tmp_path / "a.npy", *common)
+    assert r.exit_code == 0, r.output
+    assert " ".join(r.output.split()).count("is a model config without weights: the embeddings come from random weights") == 1
+    r = _run("embed", gal, "--out", tmp_path / "b.npy", "--pretrained", "none", *common)
+    assert r.exit_code == 0, r.output
+    assert "random weights" not in r.output
+
+
+@pytest.mark.slow
+def test_every_command_the_demo_prints_runs_verbatim_in_a_fresh_directory(tmp_path):
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    r = _run("demo", "--dir", tmp_path / "demo", "--epochs", 1, "--json")
+    assert r.exit_code == 0, r.output
+    printed = [ln.split("$ ", 1)[1] for ln in r.output.splitlines() if ln.startswith("$ clipret ")]
+    assert [shlex.split(c)[1] for c in printed] == ["train", "embed", "embed", "query", "evaluate"]
+    fresh = tmp_path / "elsewhere"
+    fresh.mkdir()
+    env = {**os.environ, "CLIPRET_DEVICE": "cpu"}
+    for command in printed:
+        done = subprocess.run([sys.executable, "-m", "clipret", *shlex.split(command)[1:]], cwd=fresh, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+    assert "recall@1" in done.stdout  # the last one, evaluate, printed its table

@@ -107,17 +107,32 @@ def test_run_saved_without_the_head_bn_key_still_has_its_batchnorm(base_run):
 
 
 @pytest.mark.parametrize("loss", ["multisimilarity", "arcface"])
-def test_other_losses_train_and_arcface_proxies_are_optimised_and_checkpointed(tiny_dataset, tmp_path, loss):
+def test_other_losses_train_and_arcface_proxies_are_optimised_and_checkpointed(tiny_dataset, tmp_path, loss, monkeypatch):
+    from clipret.train import losses
     from clipret.train.loop import train
+    from clipret.train.setup import prepare
 
+    started: list[list[torch.Tensor]] = []  # each objective's parameters as built
+    build = losses.Objective.__init__
+
+    def record(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        started.append([p.detach().clone() for p in self.parameters()])
+
+    monkeypatch.setattr(losses.Objective, "__init__", record)
     out = tmp_path / loss
-    train(_cfg(tiny_dataset, out, loss=loss, epochs=2, mine_from_epoch=1))
+    cfg = _cfg(tiny_dataset, out, loss=loss, epochs=2, mine_from_epoch=1)
+    train(cfg)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     if loss == "arcface":
         (proxies,) = ckpt["objective"].values()
         assert proxies.shape == (16, 4)  # (embed_dim, classes)
+        assert not torch.allclose(started[0][0], proxies)  # the optimiser moved them
+        resumed = prepare(cfg, ckpt, lambda kind, payload: None)
+        assert torch.equal(resumed.objective.parameters()[0].detach(), proxies)  # a resume starts from the saved ones
+        assert not torch.equal(started[1][0], proxies)  # ...not from the fresh ones it built
         assert not any(r["mining"] for r in rows)  # a proxy loss takes no mined pairs
         groups = [g for g in ckpt["optimizer"]["param_groups"] if g.get("name") == "loss.no_decay"]
         assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0

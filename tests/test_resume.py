@@ -1,13 +1,14 @@
-"""Crash tests: SIGKILL training and embedding subprocesses, then resume.
+"""Crash tests: SIGKILL, SIGINT or SIGTERM training and embedding subprocesses, then resume.
 
-The kills are real SIGKILLs, delivered by the process to itself at a chosen
-file write (see clipret/_fault.py), so each test hits the same point every time.
+The signals are real, delivered by the process to itself at a chosen file write or training
+step (see clipret/_fault.py), so each test hits the same point every time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,12 +28,15 @@ TRAIN_ARGS = ["--model", str(TINY_RN), "--pretrained", "none", "--image-size", "
               "--mine-from-epoch", "2"]
 
 
-def clipret(*args: str, kill_at: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def clipret(*args: str, kill_at: str | None = None, signal_at: str | None = None, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("CLIPRET_FAULT_KILL", None)
-    env.pop("CLIPRET_DEBUG", None)
+    for name in ("CLIPRET_FAULT_KILL", "CLIPRET_FAULT_SIGNAL", "CLIPRET_DEBUG"):
+        env.pop(name, None)
     if kill_at:
         env["CLIPRET_FAULT_KILL"] = kill_at
+    if signal_at:
+        env["CLIPRET_FAULT_SIGNAL"] = signal_at
     return subprocess.run([sys.executable, "-m", "clipret", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
@@ -87,6 +91,28 @@ def test_train_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_data
     r = clipret("train", tiny_dataset, "--out", out, "--resume", "--workers", "0")
     assert r.returncode == 0, r.stderr
     assert not list(out.glob(".*.tmp"))
+    _assert_same_run(reference_run, out)
+
+
+NO_SAVE_ARGS = [a if prev != "--save-every" else "0" for prev, a in zip([""] + TRAIN_ARGS, TRAIN_ARGS)]
+
+
+@pytest.mark.parametrize("sig, step, code", [("INT", 7, 130), ("TERM", 8, 143)])
+def test_train_stopped_by_a_signal_checkpoints_and_resumes_exactly(reference_run, tiny_dataset, tmp_path, sig, step, code):
+    """With --save-every 0, a signal during step 7 (mid-epoch 2) or step 8 (epoch 2's last): the step
+    finishes, a checkpoint is written after it, the resume command is printed, and resuming with it
+    ends as the uninterrupted run does."""
+    out = tmp_path / "run"
+    r = clipret("train", tiny_dataset, "--out", out, *NO_SAVE_ARGS, signal_at=f"{sig}:{step}")
+    assert r.returncode == code, r.stderr
+    saved = final_state(out)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (step, 1, step - 4)  # 4 steps per epoch
+    command = shlex.join(["clipret", "train", "--resume", str(out)])
+    assert f"stopped by SIG{sig} after step {step} of 12; checkpoint written to {out}; continue with: {command}" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = clipret(*shlex.split(command)[1:])
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at step {step} of 12" in r.stderr
     _assert_same_run(reference_run, out)
 
 
@@ -184,3 +210,55 @@ def test_embed_resume_refuses_parts_of_another_model(tiny_dataset, tmp_path):
     other = [a if a != str(TINY_RN) else str(TINY_RN.with_name("tiny-vit.json")) for a in EMBED_ARGS]
     r = clipret("embed", gallery, "--out", out, *other, "--resume")
     assert r.returncode == 2 and "another model" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def embed_reference(tiny_dataset, tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("embed-ref") / "ref.npy"
+    r = clipret("embed", tiny_dataset / "test" / "gallery", "--out", ref, *EMBED_ARGS)
+    assert r.returncode == 0, r.stderr
+    return ref
+
+
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_embed_stopped_by_a_signal_keeps_its_shards_and_prints_the_resume_command(tiny_dataset, tmp_path, embed_reference,
+                                                                                   sig, code):
+    gallery = tiny_dataset / "test" / "gallery"
+    out = tmp_path / "g.npy"
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--tta", "flip", kill_at=f"after-rename:shard-000001.json:1:{sig}")
+    assert r.returncode == code, r.stderr
+    assert sorted(p.name for p in (tmp_path / "g.npy.parts").glob("shard-*.json")) == ["shard-000000.json", "shard-000001.json"]
+    said = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and f"stopped by SIG{sig}; 2 finished shard(s) kept in {tmp_path / 'g.npy.parts'}" in said[0], r.stderr
+    command = shlex.split(said[0].split("continue with: ")[1])
+    given = ["--out", str(out), *EMBED_ARGS, "--tta", "flip"]
+    assert command[:3] == ["clipret", "embed", str(gallery)] and command[-1] == "--resume"
+    assert dict(zip(command[3:-1:2], command[4:-1:2])) == dict(zip(given[::2], given[1::2]))  # the same options
+    r = clipret(*command[1:])
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "g.npy.parts").exists()
+    flip = tmp_path / "flip.npy"  # the same run, uninterrupted
+    assert clipret("embed", gallery, "--out", flip, *EMBED_ARGS, "--tta", "flip").returncode == 0
+    assert out.read_bytes() == flip.read_bytes()
+
+
+def test_embed_rerun_keeps_finished_shards_and_refuses_changed_settings(tiny_dataset, tmp_path, embed_reference):
+    gallery = tiny_dataset / "test" / "gallery"
+    out, parts = tmp_path / "g.npy", tmp_path / "g.npy.parts"
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, kill_at="after-rename:shard-000001.json:1")
+    assert r.returncode == -signal.SIGKILL
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard-*")}
+
+    def refused(r: subprocess.CompletedProcess, *words: str) -> None:
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+
+    refused(clipret("embed", gallery, "--out", out, *EMBED_ARGS), "2 finished shard(s)", "--resume", "--overwrite")
+    refused(clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--resume", "--exact-decode"),
+            "made with no --exact-decode (now --exact-decode)", "--overwrite")
+    refused(clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--resume", "--overwrite"), "pass one of them")
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("shard-*")} == before  # nothing thrown away or rewritten
+
+    r = clipret("embed", gallery, "--out", out, *EMBED_ARGS, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == embed_reference.read_bytes() and not parts.exists()

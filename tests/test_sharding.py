@@ -132,14 +132,20 @@ def test_resume_takes_the_interrupted_runs_shard_size(tmp_path):
     from clipret.errors import ClipretError
 
     out, ids = tmp_path / "x.npy", [f"{i}.png" for i in range(40)]
-    parts, size = prepare_parts(out, ids, "fp", 7, resume=False, tta=None)
-    assert size == 7 and parts.is_dir()
-    assert prepare_parts(out, ids, "fp", None, resume=True, tta=None) == (parts, 7)
+    rows = {"batch_size": 3, "tta": None, "exact_decode": False, "amp": "none", "device": "cpu"}
+    auto = {"shard_size": auto_shard_size(40), "batch_size": 64}
+
+    def prepare(fingerprint, size, resume):
+        return prepare_parts(out, ids, fingerprint, {**rows, "shard_size": size}, auto, resume=resume)
+
+    parts, chosen = prepare("fp", 7, False)
+    assert chosen["shard_size"] == 7 and parts.is_dir()
+    assert prepare("fp", None, True) == (parts, {**rows, "shard_size": 7})
     with pytest.raises(ClipretError, match="--shard-size"):
-        prepare_parts(out, ids, "fp", 8, resume=True, tta=None)
+        prepare("fp", 8, True)
     with pytest.raises(ClipretError, match="another model"):
-        prepare_parts(out, ids, "other", None, resume=True, tta=None)
-    assert prepare_parts(out, ids, "fp", None, resume=False, tta=None) == (parts, auto_shard_size(40))
+        prepare("other", None, True)
+    assert prepare("fp", None, False)[1]["shard_size"] == auto_shard_size(40)
 
 
 def test_a_shard_write_racing_a_peers_strict_cleanup_is_a_peer_error(tmp_path, monkeypatch):

@@ -341,3 +341,17 @@ def test_validate_rejects_bad_settings(field, value, message):
     with pytest.raises(ClipretError, match=message):
         TrainConfig(**{field: value}).validate()
     TrainConfig(device="cuda:1", amp="bf16", pool="mean", gem_input="shift").validate()
+
+
+def test_pretrained_help_of_train_names_run_folders_and_random_init_of_a_config_json():
+    text = " ".join(_train_params()["pretrained"].help.split())
+    assert "run folder written by clipret train or its model.safetensors" in text
+    assert "A --model config JSON without a usual tag starts from random weights unless weights are given" in text
+
+
+@pytest.mark.parametrize("field,message", [("p", "--classes-per-batch (--p)"), ("k", "--images-per-class (--k)")])
+def test_p_and_k_errors_name_the_long_flags(field, message):
+    from clipret.errors import ClipretError
+
+    with pytest.raises(ClipretError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{field: 1}).validate()

@@ -6,14 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from clipret.model.bundled import bundled_names
+
 Model = Annotated[
     str,
-    typer.Option("--model", "-m", help="open_clip model name (ViT-L-14) or path to an open_clip config JSON."),
+    typer.Option("--model", "-m", help="open_clip model name (ViT-L-14), path to an open_clip config JSON, or a config "
+                 f"bundled with clipret, by name from any folder ({', '.join(bundled_names())})."),
 ]
 Pretrained = Annotated[
     Optional[str],
     typer.Option(help="Weights: a tag (openai, laion2b_s32b_b82k), a local .safetensors/.pt file, TAG=FILE (a local file "
-                 "holding that tag's weights, e.g. openai=/w/ViT-L-14.safetensors), or none. Default: the model's usual tag."),
+                 "holding that tag's weights, e.g. openai=/w/ViT-L-14.safetensors), or none.", show_default="the model's usual tag"),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Amp = Annotated[str, typer.Option(help="Mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none.")]
@@ -24,14 +27,14 @@ Workers = Annotated[
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Seed = Annotated[int, typer.Option(help="Random seed (python, numpy, torch, sampler).")]
 TopK = Annotated[int, typer.Option("--k", "-k", help="Neighbours to return per query.")]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.", show_default="off")]
 Tta = Annotated[
     Optional[str],
     typer.Option(
         "--tta",
         help="Test-time augmentation: flip (2 forward passes per image; a bare --tta means flip) or flip,scales (4). "
         "Give the same --tta to the gallery's `embed` and to `query`.",
-        show_default=False,
+        show_default="off",
     ),
 ]
 
@@ -46,15 +49,31 @@ def warn_ignored_pretrained(model: str, pretrained: str | None) -> None:
         _console.warn(f"--pretrained is ignored: {model} is a trained run folder and carries its own weights")
 
 
+def warn_random_weights(model: str, pretrained: str | None) -> None:
+    """Say once (on stderr) that a config JSON with no weights embeds with random weights, unless
+    ``--pretrained none`` said so explicitly."""
+    from pathlib import Path
+
+    if pretrained is not None or Path(model).is_dir() or not model.endswith(".json"):
+        return
+    from clipret.model.backbone import default_tag
+
+    if default_tag(Path(model).stem) == "none":
+        from clipret.cli import _console
+
+        _console.warn(f"{model} is a model config without weights: the embeddings come from random weights; pass "
+                      "--pretrained TAG or FILE for real weights, or --pretrained none to say this is intended")
+
+
 # Post-processing stages, shared by `query` and `evaluate` (see clipret.retrieval.pipeline).
-Rerank = Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking (Zhong et al. 2017); scores become 1 - final distance.")]
+Rerank = Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking (Zhong et al. 2017); scores become 1 - final distance.", show_default="off")]
 K1 = Annotated[int, typer.Option("--k1", help="Re-ranking: size of the k-reciprocal neighbour lists; about the number of relevant gallery items a query has works best (30 beat 20 with ~200 per class).")]
 K2 = Annotated[int, typer.Option("--k2", help="Re-ranking: neighbours averaged by its local query expansion (the item included).")]
 Lam = Annotated[float, typer.Option("--lambda", help="Re-ranking: weight of the original distance (0..1); the Jaccard distance gets 1 - lambda. 0.1 beat the paper's 0.3 on every k1/k2 we measured (docs/benchmarks.md).")]
 Qe = Annotated[int, typer.Option("--qe", help="Query expansion: average each query with its top-N gallery items, then search again (0: off; a bare --qe means 5).")]
 QeAlpha = Annotated[
     Optional[float],
-    typer.Option("--qe-alpha", help="alpha-QE (Radenovic et al. 2018): weight each of the --qe neighbours by max(sim, 0)^alpha.", show_default=False),
+    typer.Option("--qe-alpha", help="alpha-QE (Radenovic et al. 2018): weight each of the --qe neighbours by max(sim, 0)^alpha.", show_default="off: uniform QE"),
 ]
 Dba = Annotated[int, typer.Option("--dba", help="Database-side augmentation: average each gallery vector with its top-N gallery neighbours (0: off).")]
 KeepSelf = Annotated[
@@ -63,10 +82,11 @@ KeepSelf = Annotated[
         "--keep-self",
         help="Keep a query's own item in its ranking when the query is also in the gallery (near-duplicate "
         "detection). By default it is left out, as the metric-learning benchmarks require.",
+        show_default="off",
     ),
 ]
-Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default=False)]
-EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default=False)]
+Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default="the index's own")]
+EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default="the index's own")]
 ExactDecode = Annotated[
     bool,
     typer.Option(
@@ -74,5 +94,6 @@ ExactDecode = Annotated[
         help="Decode every JPEG at full size. By default a JPEG much larger than the model input is decoded at a "
         "reduced scale (both sides kept >= 2x the input side), which measured a mean cosine >= 0.99999 to the full "
         "decode at 2-4x less decoding time (docs/benchmarks.md).",
+        show_default="off",
     ),
 ]

@@ -10,14 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Json, Seed
+from clipret.cli._options import Json
 
 
 @_console.handle_errors
 def demo_command(
     workdir: Annotated[Path, typer.Option("--dir", help="Where to put the data, the run and the outputs.")] = Path("clipret-demo"),
     epochs: Annotated[int, typer.Option(help="Training epochs for the tiny model.")] = 18,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the drawn dataset and of the training run.")] = 0,
     as_json: Json = False,
 ) -> None:
     """Draw a small shapes-and-textures dataset, train a tiny random-init model on the CPU,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -19,6 +19,7 @@ from clipret.cli._options import (
     Tta,
     Workers,
     warn_ignored_pretrained,
+    warn_random_weights,
 )
 
 EmbedBatchSize = Annotated[
@@ -62,6 +63,7 @@ def _fail(message: str) -> None:
 
 @_console.handle_errors
 def embed_command(
+    ctx: typer.Context,
     folder: Annotated[Path, typer.Argument(help="Folder of images (flat or with class subfolders).")],
     model: Annotated[str, typer.Option("--model", "-m", help="A run folder from `clipret train`, or an open_clip model name/config for zero-shot CLIP.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy; a .json manifest is written beside it.")] = Path("embeddings.npy"),
@@ -70,8 +72,14 @@ def embed_command(
     workers: Workers = None,
     device: Device = "auto",
     amp: Amp = "auto",
-    strict: Annotated[bool, typer.Option(help="Fail (exit 2, nothing written) if any image cannot be read.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run: re-embed only the shards not yet written.")] = False,
+    strict: Annotated[bool, typer.Option(
+        help="Check every image first; if any cannot be read, name them and fail (exit 2) with nothing written.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run: re-embed only the shards not yet written (OUT.parts/). The model, images "
+             "and every setting that changes a row (--tta, --exact-decode, --batch-size, --amp, --device) must match; "
+             "--batch-size and --shard-size left out take the interrupted run's.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Discard the finished shards of an interrupted run (OUT.parts/) and start again.")] = False,
     shard_size: Annotated[
         Optional[int],
         typer.Option(help="Images per progress shard (OUT.parts/): the unit --resume skips and torchrun ranks share. "
@@ -99,6 +107,10 @@ def embed_command(
 
     \b
       torchrun --nproc_per_node 8 -m clipret embed ./gallery --model runs/exp1 --out gallery.npy
+
+    Ctrl-C (or SIGTERM) keeps the finished shards, prints the command that continues with
+    --resume, and exits (130; 143 on SIGTERM). Run again without --resume, embed refuses to
+    discard them unless given --overwrite.
     """
     from clipret import runtime
     from clipret.inference import embed_folder
@@ -112,17 +124,53 @@ def embed_command(
         _fail(f"--batch-size must be positive, got {batch_size}")
     if dba < 0:
         _fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
+    if resume and overwrite:
+        _fail("--resume continues an interrupted run and --overwrite discards it; pass one of them")
     if runtime.is_main():
         warn_ignored_pretrained(model, pretrained)
+        warn_random_weights(model, pretrained)
     try:
-        with rank_progress("embed") as advance:
-            emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, batch_size=batch_size,
-                               workers=workers, device=device, amp=amp, strict=strict, tta=tta, exact_decode=exact_decode,
-                               dba=dba, on_start=lambda n: progress_start(advance, n), on_batch=advance)
+        with runtime.catch_stop_signals(defer=False), rank_progress("embed") as advance:
+            emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, overwrite=overwrite,
+                               batch_size=batch_size, workers=workers, device=device, amp=amp, strict=strict, tta=tta,
+                               exact_decode=exact_decode, dba=dba, on_start=lambda n: progress_start(advance, n),
+                               on_batch=advance)
     except PeerError:  # another rank failed and printed why
         _console.leave_group(2)
+    except KeyboardInterrupt as stop:  # runtime.Interrupted: SIGINT or SIGTERM
+        _interrupted(ctx, out, stop)
     if not runtime.is_main():
         return
     _console.info(f"wrote {len(emb)} embeddings (dim {emb.dim}) to {out}")
     _console.report_unreadable(emb.skipped)
 
+
+def _interrupted(ctx: typer.Context, out: Path, stop: KeyboardInterrupt) -> NoReturn:
+    """Say what a stop signal left (the finished shards stay) and how to go on; exit 130 or 143."""
+    from clipret import runtime
+    from clipret.embed_parts import finished_shards, parts_dir
+
+    code = stop.exit_code if isinstance(stop, runtime.Interrupted) else 130
+    if runtime.is_main():
+        name = stop.name if isinstance(stop, runtime.Interrupted) else "SIGINT"
+        kept = finished_shards(parts_dir(out))
+        _console.info(f"stopped by {name}; {kept} finished shard(s) kept in {parts_dir(out)}; continue with: "
+                      f"{runtime.command_line(_resume_arguments(ctx))}")
+    raise typer.Exit(code)
+
+
+def _resume_arguments(ctx: typer.Context) -> list[str]:
+    """This command's arguments as given (defaults left out), with ``--resume`` instead of ``--overwrite``."""
+    args = [ctx.command.name or "embed"]
+    for param in ctx.command.params:  # typer's own click: told apart by attributes, not classes
+        value = ctx.params.get(param.name or "")
+        source = ctx.get_parameter_source(param.name or "")
+        if param.name in {"resume", "overwrite"} or value is None or source is None or source.name == "DEFAULT":
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            args += [param.opts[0], str(value)]
+    return [*args, "--resume"]

@@ -15,11 +15,11 @@ from clipret.errors import ClipretError
 @_console.handle_errors
 def evaluate_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="results.json to score (omit with --query/--gallery).", show_default=False)] = None,
-    labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="CSV of filename,label for query and gallery ids. Default: class subfolders in the ids.")] = None,
-    query: Annotated[Optional[Path], typer.Option("--query", "-q", help="Query embeddings .npy (scores the full ranking).")] = None,
-    gallery: Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery embeddings .npy: the full ranking's gallery, or the gallery results.json was searched in (default: the one its sidecar names).")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="CSV of filename,label for query and gallery ids.", show_default="the class subfolder in each id")] = None,
+    query: Annotated[Optional[Path], typer.Option("--query", "-q", help="Query embeddings .npy (scores the full ranking).", show_default="none: score results.json")] = None,
+    gallery: Annotated[Optional[Path], typer.Option("--gallery", "-g", help="Gallery embeddings .npy: the full ranking's gallery, or the gallery results.json was searched in.", show_default="the one the results' sidecar names")] = None,
     gallery_from_labels: Annotated[bool, typer.Option(help="For a results.json without a sidecar: take every labelled id that is not a query as the gallery.")] = False,
-    k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).")] = None,
+    k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).", show_default="1 5 10")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from different model fingerprints (warns).")] = False,
     dba: Dba = 0,
     qe: Qe = 0,

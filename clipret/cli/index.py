@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from clipret.cli import _console
-from clipret.cli._options import Json, Seed
+from clipret.cli._options import Json
 
 _Int = Optional[int]
 _NO_CHECKSUM = "none (an older clipret wrote it: loading checks its structure, not its bytes; --add or a rebuild records one)"
@@ -22,21 +22,22 @@ _NO_CHECKSUM = "none (an older clipret wrote it: loading checks its structure, n
 @_console.handle_errors
 def index_command(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Embeddings .npy files (with their .json manifests) or folders of them, in id order.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index file to write (its sidecar is OUT.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Index file to write (its sidecar is OUT.json).", show_default="INPUT.faiss, beside the first input")] = None,
     type_: Annotated[str, typer.Option("--type", help="auto, flat, hnsw, ivf or ivfpq.")] = "auto",
-    nlist: Annotated[_Int, typer.Option(help="IVF cells. Default: about 4*sqrt(N), a power of two.", show_default=False)] = None,
-    m: Annotated[_Int, typer.Option("--m", help="hnsw: graph degree (default 32). ivfpq: PQ sub-quantizers, a divisor of dim (default dim/4).", show_default=False)] = None,
-    nbits: Annotated[_Int, typer.Option(help="ivfpq: bits per PQ code (default 8).", show_default=False)] = None,
-    ef_construction: Annotated[_Int, typer.Option(help="hnsw: candidate list while building (default 128).", show_default=False)] = None,
-    ef_search: Annotated[_Int, typer.Option(help="hnsw: candidate list while searching (default 256; `query --ef-search` overrides).", show_default=False)] = None,
-    nprobe: Annotated[_Int, typer.Option(help="ivf/ivfpq: cells visited per query (default max(32, nlist/64); `query --nprobe` overrides).", show_default=False)] = None,
-    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the index, e.g. 4GB or 512MiB: auto picks the best expected recall that fits.", show_default=False)] = None,
-    threads: Annotated[_Int, typer.Option(help="FAISS OpenMP threads. Default: all cores.", show_default=False)] = None,
-    seed: Seed = 0,
-    add: Annotated[Optional[list[Path]], typer.Option("--add", help="Append these embeddings (.npy or folder; repeatable) to --index.", show_default=False)] = None,
-    remove: Annotated[Optional[Path], typer.Option("--remove", help="Remove the ids listed in this text file (one per line) from --index.", show_default=False)] = None,
-    index: Annotated[Optional[Path], typer.Option("--index", help="The index that --add/--remove change.", show_default=False)] = None,
-    info: Annotated[Optional[Path], typer.Option("--info", help="Print an index's type, count, dim, memory, fingerprint and parameters.", show_default=False)] = None,
+    nlist: Annotated[_Int, typer.Option(help="IVF cells: a power of two.", show_default="the power of two nearest 4*sqrt(N), with >= 39 vectors a cell")] = None,
+    m: Annotated[_Int, typer.Option("--m", help="hnsw: graph degree. ivfpq: PQ sub-quantizers, a divisor of dim.", show_default="hnsw 32, ivfpq dim/4")] = None,
+    nbits: Annotated[_Int, typer.Option(help="ivfpq: bits per PQ code.", show_default="8")] = None,
+    ef_construction: Annotated[_Int, typer.Option(help="hnsw: candidate list while building.", show_default="128")] = None,
+    ef_search: Annotated[_Int, typer.Option(help="hnsw: candidate list while searching (`query --ef-search` overrides).", show_default="256")] = None,
+    nprobe: Annotated[_Int, typer.Option(help="ivf/ivfpq: cells visited per query (`query --nprobe` overrides).", show_default="max(32, nlist/64)")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget for the index, e.g. 4GB or 512MiB: auto picks the best expected recall that fits.", show_default="no budget")] = None,
+    threads: Annotated[_Int, typer.Option(help="FAISS OpenMP threads.", show_default="all cores")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the training sample and k-means of IVF/PQ indexes: the same seed "
+                                      "gives a byte-identical index.")] = 0,
+    add: Annotated[Optional[list[Path]], typer.Option("--add", help="Append these embeddings (.npy or folder; repeatable) to --index.", show_default="none")] = None,
+    remove: Annotated[Optional[Path], typer.Option("--remove", help="Remove the ids listed in this text file (one per line) from --index.", show_default="none")] = None,
+    index: Annotated[Optional[Path], typer.Option("--index", help="The index that --add/--remove change.", show_default="none")] = None,
+    info: Annotated[Optional[Path], typer.Option("--info", help="Print an index's type, count, dim, memory, fingerprint and parameters.", show_default="none")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from another model fingerprint or with other flags (warns).")] = False,
     as_json: Json = False,
 ) -> None:

@@ -28,6 +28,7 @@ from clipret.cli._options import (
     Tta,
     Workers,
     warn_ignored_pretrained,
+    warn_random_weights,
 )
 from clipret.cli.embed import EmbedBatchSize, progress_start, rank_progress
 
@@ -38,7 +39,7 @@ def query_command(
     gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery: embeddings .npy from `clipret embed`, or an index from `clipret index`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write (and its sidecar results.json.json).")] = Path("results.json"),
     k: TopK = 10,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`); not used for .npy queries.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`); not used for .npy queries.", show_default="the model the gallery's manifest records")] = None,
     pretrained: Pretrained = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
     tta: Tta = None,
@@ -99,6 +100,7 @@ def query_command(
         model, pretrained, tta = _gallery_defaults(gallery, model, pretrained, tta)
         if runtime.is_main():
             warn_ignored_pretrained(model, pretrained)
+            warn_random_weights(model, pretrained)
         from clipret.inference import embed_folder
         from clipret.distributed import PeerError
 

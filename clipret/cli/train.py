@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import Amp, Device, ExactDecode, Model, Pretrained, Seed, Workers
-from clipret.config import GEM_INPUTS, LOSSES, POOLS
+from clipret.cli._options import Amp, Device, ExactDecode, Model, Seed, Workers
+from clipret.config import COMMAND_LINE_ONLY, GEM_INPUTS, LOSSES, POOLS
 
 _HELP = """Fine-tune an OpenCLIP backbone on ROOT/training/<class>/* for retrieval.
 
@@ -30,32 +29,46 @@ Continue an interrupted run with its own settings (data root included):
 
   clipret train --resume runs/b16
 
-On several GPUs, the same command under torchrun (one process per GPU; each
-optimiser step sees P×K images per GPU, and --lr is used as given):
+Ctrl-C (or SIGTERM) finishes the step in progress, writes a checkpoint, prints
+that command and exits (130; 143 on SIGTERM).
 
-  torchrun --nproc_per_node 8 -m clipret train ./data --model ViT-L-14 --out runs/l14
+On several GPUs, the same command under torchrun (one process per GPU; each
+optimiser step sees P×K images per GPU, and --lr is used as given; write P and K
+as --classes-per-batch and --images-per-class, since torchrun takes --p for its own):
+
+  torchrun --nproc_per_node 8 -m clipret train ./data --model ViT-L-14 --classes-per-batch 32 --images-per-class 4 --out runs/l14
 """
 
 Pool = enum.Enum("Pool", {v: v for v in POOLS}, type=str)  # type: ignore[misc]
 GemInput = enum.Enum("GemInput", {v: v for v in GEM_INPUTS}, type=str)  # type: ignore[misc]
 Loss = enum.Enum("Loss", {v: v for v in LOSSES}, type=str)  # type: ignore[misc]
-_NOT_SETTINGS = {"ctx", "resume", "overwrite", "config"}
+_NOT_SETTINGS = {"ctx", *COMMAND_LINE_ONLY}
+Pretrained = Annotated[Optional[str], typer.Option(
+    help="Starting weights: a tag (openai, laion2b_s32b_b82k), a local .safetensors/.pt file, TAG=FILE (a local file "
+         "holding that tag's weights, e.g. openai=/w/ViT-L-14.safetensors), a run folder written by clipret train "
+         "or its model.safetensors (the tower starts from that run's, the head too where its shape fits), or none. "
+         "A --model config JSON without a usual tag starts from random weights unless weights are given here.",
+    show_default="the model's usual tag")]
 
 
+@_console.handle_errors
 def _load_toml(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
     """Eager: values from the TOML file become defaults, so flags still override them."""
     if value is None:
         return value
-    from clipret.config import TrainConfig, read_toml
+    from clipret.config import read_toml
 
-    values = read_toml(value)
-    names = {p.name for p in ctx.command.params}
-    unknown = sorted(set(values) - names - {"root"})
-    if unknown:
-        known = sorted({f.name for f in fields(TrainConfig)} & names)
-        _console.fail(f"{value}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    ctx.default_map = {**(ctx.default_map or {}), **values}
+    ctx.default_map = {**(ctx.default_map or {}), **read_toml(value, _toml_keys(ctx.command))}
     return value
+
+
+def _toml_keys(command: Any) -> dict[str, str]:
+    """Every key a --config file may use, in underscore form -> its setting: ROOT, and each option's
+    long names (``images_per_class`` and ``k`` -> ``k``)."""
+    keys = {"root": "root"}
+    for param in command.params:
+        keys.update({opt[2:].replace("-", "_"): param.name for opt in param.opts if opt.startswith("--")})
+    return keys
 
 
 @_console.handle_errors
@@ -75,7 +88,7 @@ def train_command(
     embed_dim: Annotated[int, typer.Option(help="Output embedding size (the head's width).")] = 512,
     dropout: Annotated[float, typer.Option(help="Dropout in the head.")] = 0.1,
     head_bn: Annotated[bool, typer.Option(help="BatchNorm1d in the head, after its linear layer.")] = True,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size; default: the model's own.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size.", show_default="the model's own")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs; an epoch is about one pass over the training images.")] = 15,
     p: Annotated[int, typer.Option("--p", "--classes-per-batch", help=(
         "Classes per P×K batch (P), per process. Under torchrun write --classes-per-batch: torchrun's own "
@@ -131,10 +144,13 @@ def train_command(
         help="Continue a run from its checkpoint, with its own settings: `--resume RUN` or `ROOT --out RUN --resume`. "
              "Only --workers, --device, --amp, --save-every, the speed switches (--grad-checkpointing, --channels-last, "
              "--compile, --tf32) and ROOT may be given anew; under torchrun the number of processes may change.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the run in --out: its folder is moved aside and deleted as the new run starts (refused if it "
+             "also holds files train did not write). Command line only, never from --config.")] = False,
     config: Annotated[
         Optional[Path],
-        typer.Option("--config", help="TOML file of options (keys as option names); flags override it.",
+        typer.Option("--config", help="TOML file of options (keys: the options' long names, with dashes or "
+                     "underscores; not --overwrite or --resume); flags override it.", show_default="none",
                      is_eager=True, callback=_load_toml),
     ] = None,
 ) -> None:
@@ -178,17 +194,25 @@ def _resume(ctx: typer.Context, values: dict[str, Any]) -> None:
 def _train_new(cfg: Any, overwrite: bool, on_event: Any) -> dict[str, Any]:
     from clipret.train.loop import train
 
-    return train(cfg, overwrite=overwrite, on_event=on_event)
+    return train(cfg, overwrite=overwrite, on_event=on_event)  # with --overwrite it replaces the old run first
 
 
 def _run(start: Any) -> None:
-    """Run ``start(on_event)`` with progress on rank 0; every rank leaves on an error, non-zero."""
-    from clipret import runtime
+    """Run ``start(on_event)`` with progress on rank 0; every rank leaves on an error, non-zero, and
+    on SIGINT/SIGTERM (after a checkpoint, see :mod:`clipret.train.stop`) with 130/143."""
+    from clipret import _fault, runtime
     from clipret.distributed import PeerError
     from clipret.errors import ClipretError
+    from clipret.train.stop import TrainingStopped
 
     try:
         _run_with_progress(start)
+    except TrainingStopped as stop:
+        if runtime.is_main():
+            _console.info(f"stopped by {stop.name} after step {stop.step} of {stop.total}; checkpoint written to "
+                          f"{stop.run}; continue with: {stop.resume_command()}")
+        _fault.maybe_slow_exit()
+        raise typer.Exit(stop.exit_code) from None
     except PeerError:  # rank 0 raised the same error and prints it
         _console.leave_group(2)
     except ClipretError as exc:
@@ -231,6 +255,8 @@ def _run_with_progress(start: Any) -> None:
                              head_lr=f"{payload['head_lr']:.2e}", **{"img/s": f"{payload['img_s']:.0f}"})
         elif kind == "epoch":
             val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
+            if "val_nonfinite" in payload:
+                val = ", val failed (non-finite embeddings)"
             loss = "–" if payload["train_loss"] is None else f"{payload['train_loss']:.4f}"  # None: no finite step
             _console.info(f"epoch {payload['epoch']}: loss {loss}{val}{' (best)' if payload['best'] else ''}")
         elif kind == "baseline":

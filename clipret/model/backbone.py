@@ -28,6 +28,7 @@ from typing import Any
 from clipret.config import NO_WEIGHTS  # --pretrained values that mean random init
 from clipret.errors import ClipretError
 from clipret.model import _open_clip
+from clipret.model.bundled import bundled_config, bundled_names
 
 #: ``TAG=PATH``: the tag a local weights file holds (tags are letters, digits, ``_``, ``-``, ``.``).
 _TAGGED = re.compile(r"^(?P<tag>[A-Za-z0-9_.-]+)=(?P<path>.+)$")
@@ -39,9 +40,13 @@ def clip_config_for(model: str) -> tuple[str, dict[str, Any]]:
     import open_clip
 
     path = Path(model)
+    if not path.is_file() and (shipped := bundled_config(model)) is not None:
+        if model.endswith(".json") or open_clip.get_model_config(model) is None:
+            path, model = shipped, str(shipped)
     if model.endswith(".json") or path.is_file():
         if not path.is_file():
-            raise ClipretError(f"model config file not found: {model}")
+            raise ClipretError(f"model config file not found: {model} (configs bundled with clipret, usable by "
+                               f"name from anywhere: {', '.join(bundled_names())})")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

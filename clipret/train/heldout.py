@@ -20,7 +20,7 @@ from clipret.inference import embed_images
 from clipret.train.ddp import sync_buffers
 from clipret.train.validate import leave_one_out
 
-__all__ = ["contiguous_block", "validate_epoch"]
+__all__ = ["contiguous_block", "nonfinite_warning", "validate_epoch", "validate_start"]
 
 
 def contiguous_block(n_items: int, world_size: int, rank: int) -> range:
@@ -33,7 +33,8 @@ def contiguous_block(n_items: int, world_size: int, rank: int) -> range:
 
 def validate_epoch(state: Any) -> dict[str, float] | None:
     """``{"val_recall@1", "val_map@r"}`` of the model in ``state`` (a TrainState) on its held-out
-    images, the same dict on every rank; None without held-out images."""
+    images, or ``{"val_nonfinite": n}`` when n of their embeddings are not finite
+    (:func:`leave_one_out`); the same dict on every rank; None without held-out images."""
     data, cfg = state.data, state.cfg
     if not len(data.val_idx):
         return None
@@ -51,3 +52,28 @@ def validate_epoch(state: Any) -> dict[str, float] | None:
         all_kept = [i for _, ids in parts for i in ids]
         scores = leave_one_out(np.concatenate([v for v, _ in parts]), [by_id[i] for i in all_kept])
     return distributed.broadcast_object(scores)
+
+
+def validate_start(state: Any) -> dict[str, Any] | None:
+    """Score the starting weights on the held-out images, before any step, and append the row to
+    ``state.history``: metrics.jsonl's epoch-0 row (never exported; it is what the pretrained
+    weights give before fine-tuning). None without held-out images."""
+    scores = validate_epoch(state)
+    if scores is None:
+        return None
+    row = {"epoch": 0, "step": 0, **scores, "best": False}
+    state.history.append(row)
+    return row
+
+
+def nonfinite_warning(row: dict[str, Any]) -> str | None:
+    """The warning line for a validated row (epoch 0: the starting weights) whose held-out
+    embeddings were not finite; None for a scored row."""
+    n = row.get("val_nonfinite")
+    if not n:
+        return None
+    if row["epoch"] == 0:
+        return (f"the starting weights give {n} non-finite (NaN or inf) held-out embeddings, so they cannot be scored; "
+                "check the --pretrained weights")
+    return (f"validation of epoch {row['epoch']} failed: {n} held-out embeddings were not finite (NaN or inf), so the "
+            "epoch is not scored and not exported; if this goes on, train again with a lower --lr")

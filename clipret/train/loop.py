@@ -8,7 +8,8 @@ up-front image validation), "setup", "step", "epoch", "done".
 The pieces are separate so that one can change without the others:
 :func:`clipret.train.setup.prepare` builds the run, :func:`run_epoch` feeds
 batches to :func:`train_step`, and :func:`end_epoch` validates, exports the
-best model and checkpoints.
+best model and checkpoints. On SIGINT or SIGTERM the step in progress finishes, a checkpoint is
+written after it and :class:`clipret.train.stop.TrainingStopped` is raised.
 
 The loop is resumable and rank-aware: every random choice is seeded per
 epoch (sampler), per sample (augmentation, see
@@ -16,9 +17,11 @@ epoch (sampler), per sample (augmentation, see
 checkpoint (python/numpy/torch RNG of every rank, which dropout draws from);
 the sampler can start mid-epoch; and only rank 0 writes files.
 
-A step whose gradient is not finite (NaN or inf: every rank sees the same averaged gradient, so
-all agree) leaves the weights as they were and is left out of the epoch's mean loss; a warning
-says so once per streak, and ``MAX_NONFINITE_STEPS`` in a row stop the run as diverged.
+A step whose loss, gradient or BatchNorm statistics are not finite (NaN or inf; the ranks agree)
+leaves the model as it was, weights and statistics (snapshotted before the forward, put back), and
+is left out of the epoch's mean loss; a warning says so once per streak, and
+``MAX_NONFINITE_STEPS`` in a row stop the run as diverged. An epoch whose held-out embeddings
+are not finite is scored as a failure (``val_nonfinite``), never as a result, and never exported.
 
 Under torchrun (``torchrun --nproc_per_node N -m clipret train ...``) every
 rank runs this same loop in DistributedDataParallel (:mod:`clipret.train.ddp`):
@@ -29,6 +32,7 @@ way out, also on error. Only rank 0 reports events and writes files.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Mapping
@@ -45,11 +49,12 @@ from clipret.data.dataset import collate
 from clipret.errors import ClipretError
 from clipret.model.backbone import NO_WEIGHTS
 from clipret.model.build import save_model
-from clipret.train.heldout import validate_epoch
+from clipret.train import stop
+from clipret.train.heldout import nonfinite_warning, validate_epoch, validate_start
 from clipret.train.llrd import current_lrs
 from clipret.train.resume import resumed_config
-from clipret.train.setup import EXCLUDED_NAME, Event, TrainState, prepare
-from clipret.train.state import CHECKPOINT_NAME, capture_rng
+from clipret.train.setup import EXCLUDED_NAME, Event, TrainState, prepare, replace_run
+from clipret.train.state import CHECKPOINT_NAME, all_finite, restore_buffers, save_checkpoint, snapshot_buffers
 
 __all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
 METRICS_NAME = "metrics.jsonl"
@@ -74,6 +79,9 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, on_event: Event = _noop)
     if cfg.root:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "root": str(Path(cfg.root).resolve())})
     with distributed.process_group(runtime.resolve_device(cfg.device)):
+        if overwrite:  # the old run goes before any rank writes (rank 0 moves it aside; a refusal stops every rank)
+            with distributed.work_group() as group:
+                distributed.from_main(lambda: replace_run(cfg), group)
         _remove_stale_temps(out)
         return _run(prepare(cfg, None, on_event), None, on_event)
 
@@ -112,31 +120,34 @@ def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> 
     """Report the setup, train the remaining epochs, report and return the summary."""
     on_event("setup", _setup_payload(state, resumed))
     if state.step == 0 and not state.history and state.spec.pretrained.lower() not in NO_WEIGHTS:
-        baseline = validate_start(state)
+        baseline = validate_start(state)  # metrics.jsonl's epoch-0 row
         if baseline is not None:
-            on_event("baseline", baseline)
-    for epoch in range(state.start_epoch, state.cfg.epochs):
-        losses, seen, seconds = run_epoch(state, epoch, on_event)
-        on_event("epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
+            _write_history(state)
+            _report(on_event, "baseline", baseline)
+    with runtime.catch_stop_signals(defer=True) as state.stop:  # SIGINT/SIGTERM: see clipret.train.stop
+        for epoch in range(state.start_epoch, state.cfg.epochs):
+            losses, seen, seconds = run_epoch(state, epoch, on_event)
+            _report(on_event, "epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
+            if epoch + 1 < state.cfg.epochs and stop.asked(state):  # end_epoch has just checkpointed
+                raise stop.stopped(state)
     best = state.best["epoch"]
+    if best is None:  # with held-out images, only an epoch that failed validation is never the best
+        raise ClipretError(f"no epoch gave finite (non-NaN) held-out embeddings, so no model was exported (see "
+                           f"{state.out / METRICS_NAME}); train again with a lower --lr")
     summary = {"best_epoch": best, "best": next((r for r in state.history if r["epoch"] == best), {}),
                "out": str(state.out), "steps": state.step}
     on_event("done", summary)
     return summary
 
 
-def validate_start(state: TrainState) -> dict[str, Any] | None:
-    """Score the starting weights on the held-out images, before any step: metrics.jsonl's
-    epoch-0 row (never exported; it is what the pretrained weights give before fine-tuning).
-    None without held-out images."""
-    scores = validate_epoch(state)
-    if scores is None:
-        return None
-    row = {"epoch": 0, "step": 0, **scores, "best": False}
-    state.history.append(row)
-    if runtime.is_main():
-        _write_history(state.out / METRICS_NAME, state.history)
-    return row
+def _report(on_event: Event, kind: str, row: dict[str, Any]) -> None:
+    """Report a validated row; first a warning if its held-out embeddings were not finite (an epoch
+    row is reported all the same, the epoch-0 row is not: it has no scores to show)."""
+    message = nonfinite_warning(row)
+    if message:
+        on_event("warning", {"message": message})
+    if kind == "epoch" or not message:
+        on_event(kind, row)
 
 
 def _setup_payload(state: TrainState, resumed: dict[str, Any] | None) -> dict[str, Any]:
@@ -170,8 +181,10 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
     state.model.train()
     t_epoch, seen = time.perf_counter(), 0
     for batch_no, batch in enumerate(loader, start=first):
+        _fault.maybe_signal(state.step + 1)
         t0 = time.perf_counter()
         if not _usable(state, batch, on_event):
+            _stop_if_asked(state, epoch, batch_no + 1, losses, saved=False)
             continue
         info = train_step(state, batch, epoch)
         t1 = time.perf_counter()
@@ -180,17 +193,27 @@ def run_epoch(state: TrainState, epoch: int, on_event: Event) -> tuple[list[floa
         else:
             state.epoch_skipped += 1
         if state.nonfinite_steps == 1:  # once per streak
-            on_event("warning", {"message": f"skipped the update of step {state.step}: its loss or gradient was not "
-                                            "finite (the weights were left as they were)"})
+            on_event("warning", {"message": f"skipped the update of step {state.step}: its loss, gradient or BatchNorm "
+                                            "statistics were not finite (the weights and statistics were left as they were)"})
         seen += len(batch["indices"]) * state.world_size  # every rank took a batch of the same size
         if state.trace is not None:
             state.trace.record(state.step, state.model, info["loss"], t0, t1)
         _fault.maybe_fail(state.step)
         on_event("step", {"step": state.step, "total": state.total_steps, "epoch": epoch + 1,
                           "img_s": len(batch["indices"]) * state.world_size / max(t1 - t0, 1e-9), **info})
-        if state.cfg.save_every and state.step % state.cfg.save_every == 0 and batch_no + 1 < epoch_length:
+        saved = bool(state.cfg.save_every) and state.step % state.cfg.save_every == 0 and batch_no + 1 < epoch_length
+        if saved:
             save_checkpoint(state, epoch, batch_no + 1, losses)
+        _stop_if_asked(state, epoch, batch_no + 1, losses, saved=saved)
     return losses, seen, time.perf_counter() - t_epoch
+
+
+def _stop_if_asked(state: TrainState, epoch: int, batch: int, losses: list[float], *, saved: bool) -> None:
+    """After a batch: on a stop signal (any rank's), checkpoint here (unless just ``saved``) and stop."""
+    if stop.asked(state):
+        if not saved:
+            save_checkpoint(state, epoch, batch, losses)
+        raise stop.stopped(state)
 
 
 def _usable(state: TrainState, batch: dict[str, Any], on_event: Event) -> bool:
@@ -216,6 +239,7 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
     fmt = torch.channels_last if state.channels_last else torch.preserve_format
     images = batch["images"].to(state.device, non_blocking=True, memory_format=fmt)
     labels = torch.as_tensor(state.data.train_labels[batch["indices"].numpy()], device=state.device)
+    buffers = snapshot_buffers(state.model)  # the train-mode forward updates the BatchNorm statistics
     with runtime.autocast(state.device, state.amp):
         emb = state.forward(images)
     loss, info = state.objective(emb, labels, epoch)
@@ -224,16 +248,20 @@ def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str
     state.objective.sync_grads()
     state.scaler.unscale_(state.optimizer)
     norm = torch.nn.utils.clip_grad_norm_([*state.model.parameters(), *state.objective.parameters()], state.cfg.grad_clip)
-    finite = bool(torch.isfinite(norm))  # of gradients already averaged over the ranks: every rank decides alike
-    if finite or state.scaler.is_enabled():
+    grads_finite = bool(torch.isfinite(norm))  # of gradients already averaged over the ranks: every rank decides alike
+    # the statistics (and ArcFace's loss) are each rank's own, from its own batch: the ranks agree on them explicitly
+    finite = grads_finite and distributed.all_true(all_finite([loss.detach(), *state.model.buffers()]), state.device)
+    if finite or (state.scaler.is_enabled() and not grads_finite):
         state.scaler.step(state.optimizer)  # an fp16 scaler skips a non-finite step itself (and lowers its scale)
     state.scaler.update()
+    if not finite:
+        restore_buffers(state.model, buffers)
     state.nonfinite_steps = 0 if finite else state.nonfinite_steps + 1
     if state.nonfinite_steps >= MAX_NONFINITE_STEPS:
         raise ClipretError(
-            f"training diverged: the loss or its gradient was not finite for {state.nonfinite_steps} steps in a row "
-            f"(up to step {state.step + 1}); those steps left the weights as they were, and {state.out} keeps the last "
-            "checkpoint and best model; train again with a lower --lr or a longer --warmup")
+            f"training diverged: the loss, its gradient or the BatchNorm statistics were not finite for "
+            f"{state.nonfinite_steps} steps in a row (up to step {state.step + 1}); those steps left the model as it was, "
+            f"and {state.out} keeps the last checkpoint and best model; train again with a lower --lr or a longer --warmup")
     lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
     if finite:
         state.scheduler.step()
@@ -258,7 +286,7 @@ def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: flo
     scores = validate_epoch(state)
     if scores is not None:
         row.update(scores)
-        score = row["val_map@r"]
+        score = row.get("val_map@r", -math.inf)  # non-finite embeddings ("val_nonfinite"): a failure, never the best
     else:
         score = float(epoch)  # no validation: the last epoch is the one exported
     row["best"] = bool(score > state.best["score"])
@@ -267,31 +295,14 @@ def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: flo
         state.best = {"epoch": epoch + 1, "score": score}
         if runtime.is_main():
             save_model(state.out, state.model, state.spec)
-    if runtime.is_main():
-        _write_history(state.out / METRICS_NAME, state.history)
+    _write_history(state)
     save_checkpoint(state, epoch + 1, 0, [])
     return row
 
 
-def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[float]) -> None:
-    """Write ``checkpoint.pt``: resume goes on at batch ``batch`` (of each rank) of epoch ``epoch`` (0-based).
-
-    Every rank calls this (each hands over its RNG state); rank 0 writes.
-    """
-    rngs = distributed.all_gather_object(capture_rng())
-    if not runtime.is_main():
-        return
-    artifacts.save_checkpoint(state.out / CHECKPOINT_NAME, {
-        "model": state.model.state_dict(), "objective": state.objective.state_dict(), "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-        "epoch": epoch, "batch": batch, "step": state.step, "rng": rngs[0], "rng_ranks": rngs,
-        "world_size": state.world_size,
-        "best": state.best, "history": state.history, "config": state.cfg.to_dict(), "spec": state.spec.to_dict(),
-        "classes": state.data.classes, "train_ids": state.data.ids_digest(), "epoch_losses": losses,
-    })
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    with artifacts.atomic_open(path, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
+def _write_history(state: TrainState) -> None:
+    """Write metrics.jsonl (rank 0): one row per validated epoch so far."""
+    if runtime.is_main():
+        with artifacts.atomic_open(state.out / METRICS_NAME, "w") as fh:
+            for r in state.history:
+                fh.write(json.dumps(r) + "\n")

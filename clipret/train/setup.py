@@ -4,6 +4,7 @@
 any weight downloaded), lists and checks the training images, splits them,
 builds the model, sampler, optimiser and schedule, and restores a checkpoint
 when resuming. The loop (:mod:`clipret.train.loop`) only steps it.
+:func:`replace_run` clears the folder of an old run for ``--overwrite``.
 
 Under torchrun (an active process group, see :mod:`clipret.distributed`) every rank prepares
 the same run: rank 0 checks the images and hands the verdicts to the others, every rank
@@ -13,6 +14,8 @@ batches of the shared epoch plan.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,8 @@ from clipret.data.sampler import PKBatchSampler, resolve_p
 from clipret.data.transforms import AugmentConfig, resolve_augmentation, train_transform
 from clipret.data.validate import all_gray, check_images
 from clipret.errors import ClipretError
+from clipret.artifacts.atomic import write_error
+from clipret.artifacts.model import PENDING_NAME
 from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec
 from clipret.train import ddp
 from clipret.train.fast import CompiledForward, apply_memory_paths, uses_channels_last
@@ -39,7 +44,7 @@ from clipret.train.losses import Objective
 from clipret.train.resume import continue_at
 from clipret.train.schedule import make_scheduler, move_to_step, warmup_steps_for
 from clipret.train.split import stratified_split
-from clipret.train.state import restore_rng
+from clipret.train.state import CHECKPOINT_NAME, restore_rng, restore_scaler
 from clipret.train.trace import StepTrace
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -99,6 +104,7 @@ class TrainState:
     last_lrs: tuple[float, float] | None = None  # (base LR, head LR) of the last step taken
     nonfinite_steps: int = 0  # steps in a row whose gradient was not finite (their update was skipped)
     epoch_skipped: int = 0  # such steps in this epoch (since this session's start of it)
+    stop: runtime.StopRequest = field(default_factory=runtime.StopRequest)  # SIGINT/SIGTERM caught (clipret.train.stop)
 
 
 def probe_spec(cfg: TrainConfig) -> ModelSpec:
@@ -193,7 +199,8 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
     total_steps = sampler.epoch_length(0) * cfg.epochs
     if total_steps == 0:
         raise ClipretError(f"no full P×K batch per process fits the training set (P={p}, K={cfg.k}, "
-                           f"{world_size} processes); lower --p or --k, or use fewer processes")
+                           f"{world_size} processes); lower --classes-per-batch (--p) or --images-per-class (--k), "
+                           "or use fewer processes")
     scheduler = make_scheduler(optimizer, total_steps, warmup_steps_for(total_steps, cfg.warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=amp is torch.float16)
     state = TrainState(cfg, out, device, amp, workers, data, spec, model, forward, optimizer, scheduler, scaler,
@@ -216,7 +223,7 @@ def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
         state.objective.load_state_dict(ckpt["objective"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.scaler.load_state_dict(ckpt["scaler"])
+    restore_scaler(state.scaler, ckpt["scaler"])
     state.best, state.history = dict(ckpt["best"]), list(ckpt["history"])
     saved_world = int(ckpt.get("world_size", 1))
     state.resumed_world_size = saved_world
@@ -226,9 +233,54 @@ def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
                                                     state.sampler.epoch_length(ckpt["epoch"]))
         move_to_step(state.scheduler, state.step)
     state.resumed_losses = list(ckpt.get("epoch_losses", [])) if state.start_batch else []
+    state.last_lrs = tuple(ckpt["last_lrs"]) if ckpt.get("last_lrs") and state.start_batch else None  # type: ignore[assignment]
     rngs = ckpt.get("rng_ranks") or [ckpt["rng"]]
     rank = runtime.rank()
     if rank < len(rngs):
-        restore_rng(rngs[rank])
+        restore_rng(rngs[rank], state.device)
     else:  # a rank the saved run did not have: a fresh stream of its own
         runtime.seed_everything(ddp.rank_seed(state.cfg.seed + state.step, rank))
+
+
+def replace_run(cfg: TrainConfig) -> None:
+    """``--overwrite``: check the settings, then take the old run in ``cfg.out`` away before the new
+    run writes anything, so that a new run killed early leaves no old checkpoint to ``--resume``.
+
+    The folder is renamed to a hidden sibling (``.OUT.removed-PID``, one atomic step), a fresh
+    empty one takes its place, and the renamed one is deleted. A folder that holds files
+    ``clipret train`` did not write is refused (one line), and so is the working directory or
+    a folder above it. Under torchrun rank 0 calls this before any rank writes.
+    """
+    from clipret.train.loop import METRICS_NAME  # the loop imports this module
+
+    cfg.validate()
+    probe_spec(cfg)  # settings the backbone cannot take fail before anything is deleted
+    out = Path(cfg.out).resolve()  # a symlinked --out: the folder it points to
+    prefix = f".{out.name}.removed-"
+    for old in out.parent.iterdir() if out.parent.is_dir() else ():  # left by an --overwrite killed before it finished
+        if old.name.startswith(prefix) and old.name[len(prefix):].isdigit():
+            shutil.rmtree(old, ignore_errors=True)
+    if not out.is_dir():
+        return
+    artifacts.remove_stale_temps(out)  # what a killed writer left; a live one's temp files stay and are refused below
+    names = {entry.name for entry in out.iterdir()}
+    run_files = {CHECKPOINT_NAME, artifacts.WEIGHTS_NAME, artifacts.CONFIG_NAME, PENDING_NAME, METRICS_NAME, EXCLUDED_NAME}
+    if not names & run_files:
+        return  # no run to replace: leave the folder as it is
+    foreign = sorted(names - run_files)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ClipretError(f"--overwrite would delete {out}, which also holds files clipret train did not write ({shown}); "
+                           "move them out of it, or pass another --out")
+    cwd = Path.cwd().resolve()
+    if cwd == out or out in cwd.parents:
+        raise ClipretError(f"--overwrite cannot replace {out}: the working directory is inside it; run from another folder")
+    aside = out.with_name(f"{prefix}{os.getpid()}")
+    mode = out.stat().st_mode & 0o7777
+    try:
+        os.replace(out, aside)
+        out.mkdir(mode=mode)
+        os.chmod(out, mode)  # mkdir's mode passes through the umask
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    shutil.rmtree(aside, ignore_errors=True)

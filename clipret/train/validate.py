@@ -13,8 +13,13 @@ from clipret.retrieval.ranking import full_ranking
 def leave_one_out(vectors: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
     """R@1 and MAP@R when each (N, D) unit vector queries all the others.
 
-    Images whose class has no other validation image are not counted.
+    Images whose class has no other validation image are not counted. When a row is not finite
+    (NaN or inf) nothing can be ranked (an argsort of NaNs keeps the index order, which would
+    score as chance): returns ``{"val_nonfinite": rows not finite}`` instead, a failure.
     """
+    bad = int(np.count_nonzero(~np.isfinite(vectors).all(axis=1)))
+    if bad:
+        return {"val_nonfinite": bad}
     labels_arr = np.asarray(labels)
     ranking = full_ranking(vectors, vectors)  # (N, N), self first unless tied
     self_col = ranking == np.arange(len(vectors))[:, None]
