@@ -4,7 +4,7 @@ Every configuration runs the real command, ``python -m clipret train`` or ``pyth
 torch.distributed.run --standalone --nproc_per_node N -m clipret train``, on the same synthetic
 dataset, with the same P×K per rank (so 2 ranks take twice the images per step, in half the
 steps of an epoch), ``--workers 0``, no validation, and the per-step trace of
-clipret/train/trace.py on. From the trace it reports, per configuration:
+clipret/training/trace.py on. From the trace it reports, per configuration:
 
 * step img/s: images of all ranks per step / the median step time (the slowest rank's),
   steps after the first ``--skip`` (warm-up) only; a step is forward, gathered loss and
@@ -87,7 +87,7 @@ def bn_effect(model: str, args: argparse.Namespace) -> dict[str, float]:
     import torch.nn.functional as F
 
     from clipret.model.build import build_encoder, make_spec
-    from clipret.train.losses import Objective
+    from clipret.training.losses import Objective
 
     torch.manual_seed(0)
     net = build_encoder(make_spec(model, "none", image_size=args.image_size, dropout=0.0)).train()

@@ -115,7 +115,8 @@ def old_vs_new(root: Path, n: int) -> None:
     from clipret import metrics
     from clipret.artifacts import load_embeddings
     from clipret.data.layout import read_labels_csv
-    from clipret.evaluation import chunk_rows, evaluate_scores, label_codes, matmul_scores, score_chunks
+    from clipret.evaluation import chunk_rows, evaluate_scores, label_codes, score_chunks
+    from clipret.retrieval.scores import matmul_scores
     from clipret.retrieval.ranking import full_ranking
 
     q, g = load_embeddings(root / "q.npy", check_finite=False), load_embeddings(root / "g.npy", check_finite=False)

@@ -83,6 +83,19 @@ class Prepared:
         return self.root / "test" / split
 
 
+def add_data_arguments(ap: Any, *, train_per_class: int) -> None:
+    """The work-folder, subset-size and training options the benches over this protocol share
+    (``ap``: an ``argparse.ArgumentParser``)."""
+    ap.add_argument("--work", type=Path, help="data, runs and embeddings (default: beside --out)")
+    ap.add_argument("--train-per-class", type=int, default=train_per_class)
+    ap.add_argument("--query-per-class", type=int, default=100)
+    ap.add_argument("--gallery-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--p", type=int, default=10)
+    ap.add_argument("--k", type=int, default=8)
+
+
 def _source() -> Path:
     from fashion_mnist import find_fashion_mnist
 
@@ -145,7 +158,7 @@ def train_run(root: str | os.PathLike[str], out: str | os.PathLike[str], seed: i
     ``out/bench-done.json`` records the settings and the wall time of training
     (``seconds``; of the last session only, when it was resumed).
     """
-    from clipret.train.loop import CHECKPOINT_NAME, resume, train
+    from clipret.training.loop import CHECKPOINT_NAME, resume, train
 
     out = Path(out)
     cfg = train_config(root, out, seed, **overrides)
@@ -207,7 +220,7 @@ def embed(run: str | os.PathLike[str], folder: str | os.PathLike[str], out_npy: 
 
     The seconds (of the first, real embedding) are kept in ``OUT.bench.json``.
     """
-    from clipret.inference import embed_folder
+    from clipret.embedding.folder import embed_folder
 
     out_npy = Path(out_npy)
     timing = out_npy.with_name(out_npy.stem + ".bench.json")

@@ -27,10 +27,10 @@ from clipret import metrics
 from clipret.config import TrainConfig
 from clipret.data.layout import list_images, read_labels_csv
 from clipret.data.transforms import eval_transform
-from clipret.inference import embed_images
+from clipret.embedding.batches import embed_images
 from clipret.model.build import load_model
 from clipret.retrieval.ranking import full_ranking
-from clipret.train.loop import train
+from clipret.training.loop import train
 
 SIZES = {"synthetic": 64, "fashion-mnist": 32}  # textures need 64 px; Fashion-MNIST is 28 px
 VARIANTS = [

@@ -96,7 +96,7 @@ def untrained(prep: fp.Prepared, args: argparse.Namespace) -> Path:
     import torch
 
     from clipret.model.build import create_encoder, save_model
-    from clipret.train.setup import probe_spec
+    from clipret.training.setup import probe_spec
 
     model = args.train.get("model")
     suffix = f"-{fp.settings_key({'model': json.loads(Path(model).read_text())})}" if model else ""
@@ -294,14 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "miner, warmup, lr, loss, tta; 'default': none, the references and the default only); default: all")
     ap.add_argument("--no-finetune", dest="finetune", action="store_false", help="skip the fine-tuning proxy")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-recipe/results.jsonl"), help="resumable JSON-lines results")
-    ap.add_argument("--work", type=Path, help="data, runs and embeddings (default: beside --out)")
-    ap.add_argument("--train-per-class", type=int, default=1000)
-    ap.add_argument("--query-per-class", type=int, default=100)
-    ap.add_argument("--gallery-per-class", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--p", type=int, default=10)
-    ap.add_argument("--k", type=int, default=8)
+    fp.add_data_arguments(ap, train_per_class=1000)
     ap.add_argument("--model", type=Path, help="open_clip config JSON of the network (default: "
                     "bench/configs/fmnist-vit.json, the tiny ViT)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: few images, 1 epoch, a few rows, one seed")

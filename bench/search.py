@@ -19,7 +19,7 @@ exact search and each index type:
     flock /tmp/clipret-bench.lock python bench/search.py --sizes 200000 --types flat   # the issue's exact-search check
 
 The table and the guidance ``clipret index --type auto`` follows are in docs/benchmarks.md;
-the recall column feeds ``EXPECTED_RECALL`` in clipret/retrieval/index_choice.py.
+the recall column feeds ``EXPECTED_RECALL`` in clipret/retrieval/index/choice.py.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import numpy as np
 
 from clipret.artifacts import write_json
 from clipret.artifacts.embeddings import EMBEDDINGS_FORMAT
-from clipret.retrieval import index_choice
+from clipret.retrieval.index import choice as index_choice
 from clipret.retrieval.index import FaissExactSearcher, open_index
-from clipret.retrieval.index_build import build_index
+from clipret.retrieval.index.build import build_index
 
 BARE = r'''
 import json, sys

@@ -1,8 +1,8 @@
 """Training throughput, peak memory and where a step's time goes, built from clipret's own parts.
 
 For each model and variant it builds ``build_encoder(make_spec(M, "none"))``
-(random weights), the AdamW param groups of ``clipret.train.llrd.param_groups``
-(fused on CUDA, as ``clipret train``), ``clipret.train.losses.Objective``
+(random weights), the AdamW param groups of ``clipret.training.llrd.param_groups``
+(fused on CUDA, as ``clipret train``), ``clipret.training.losses.Objective``
 with its miner on, and a fixed synthetic P×K batch already on the device (no
 image decoding: the point is the step). Then it times, with a CUDA
 synchronisation around each timed part:
@@ -112,8 +112,8 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace) -> dict
     import torch
 
     from clipret.model.build import build_encoder, make_spec
-    from clipret.train.llrd import param_groups
-    from clipret.train.losses import Objective
+    from clipret.training.llrd import param_groups
+    from clipret.training.losses import Objective
 
     flags = parse_variant(variant)
     device = torch.device(args.device)

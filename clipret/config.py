@@ -19,14 +19,20 @@ from typing import Any
 import tomllib
 
 from clipret.errors import ClipretError
-from clipret.model.choices import GEM_INPUTS, POOLS  # torch-free
 
-__all__ = ["AMPS", "COMMAND_LINE_ONLY", "GEM_INPUTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig", "read_toml"]
+__all__ = ["AMPS", "COMMAND_LINE_ONLY", "GEM_INPUTS", "LOSSES", "NO_WEIGHTS", "POOLS", "RESUME_OVERRIDABLE", "TrainConfig",
+           "read_toml"]
 
+# The valid values of the settings, torch-free: the CLI's choices, and what clipret.model and clipret.training check against.
 AMPS = ("auto", "bf16", "fp16", "none")
+#: ``--pool``: GeM over patch tokens / feature-map cells, the ViT's CLS token, or their mean.
+POOLS = ("gem", "cls", "mean")
+#: ``--gem-input``: how GeM makes signed ViT tokens non-negative (see clipret.model.pooling).
+GEM_INPUTS = ("clamp", "softplus", "shift")
+LONG_NAMES = {"p": "classes-per-batch", "k": "images-per-class"}  # settings whose flag is not their field name
 NO_WEIGHTS = ("none", "", "random")  # --pretrained values that mean random init (clipret.model.backbone)
 PRETRAINED_LLRD = 0.65  # layer-wise LR decay of a pretrained tower
-LOSSES = ("circle", "multisimilarity", "arcface")  # clipret.train.losses.Objective
+LOSSES = ("circle", "multisimilarity", "arcface")  # clipret.training.losses.Objective
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Settings a resumed run may change: where things are and how they run, not what is computed.
 RESUME_OVERRIDABLE = ("root", "out", "workers", "device", "amp", "save_every", "grad_checkpointing", "channels_last",
@@ -37,6 +43,10 @@ COMMAND_LINE_ONLY = ("overwrite", "resume", "config")
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run: what ``clipret train`` builds from its options (and a TOML
+    file), and what :func:`clipret.train` takes as keyword arguments. Fields are the options'
+    names with underscores (``p`` and ``k`` are ``--classes-per-batch`` and ``--images-per-class``)."""
+
     root: str = ""
     out: str = "runs/clipret"
     # model
@@ -79,7 +89,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # steps between mid-epoch checkpoints; 0 = epoch ends only
     exact_decode: bool = False  # False: large JPEGs decode at a reduced scale (clipret.data.decode.load_rgb)
-    # speed (clipret.train.fast): how the steps run, not what they compute (beyond float rounding)
+    # speed (clipret.training.fast): how the steps run, not what they compute (beyond float rounding)
     grad_checkpointing: bool = False  # recompute ViT blocks in the backward (less memory, ~1/3 more compute)
     channels_last: bool = False  # NHWC memory layout for CNN towers
     compile: bool = False  # torch.compile the training forward (falls back to eager if compiling fails)
@@ -93,14 +103,17 @@ class TrainConfig:
         return 1.0 if pretrained.lower() in NO_WEIGHTS else PRETRAINED_LLRD
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting as a plain dict (what a run's config.json records)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The settings in ``d`` (keys that are not settings are ignored), defaults for the rest."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def validate(self) -> None:
+        """Raise a one-line :class:`ClipretError` for the first setting out of its range."""
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.p >= 2, "--classes-per-batch (--p) must be at least 2 (metric learning needs several classes per batch)"),

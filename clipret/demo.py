@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipret import artifacts
-from clipret.config import TrainConfig
+from clipret.config import LONG_NAMES, TrainConfig
 
 # A width-8 ModifiedResNet at 64 px: the stem divides the image by 4, so at 32 px
 # the textures are gone after it and the layer4 map is 1x1; at 64 px (2x2 map)
@@ -28,9 +28,6 @@ DEMO_DATASET: dict[str, int] = {
 }
 
 
-# TrainConfig fields whose command-line name is not the field's own
-_LONG_NAMES = {"p": "classes-per-batch", "k": "images-per-class"}
-
 
 def train_command_line(cfg: TrainConfig, *, overwrite: bool = False) -> str:
     """The ``clipret train`` command that trains what ``cfg`` says: its root, then every setting
@@ -41,7 +38,7 @@ def train_command_line(cfg: TrainConfig, *, overwrite: bool = False) -> str:
         value = getattr(cfg, f.name)
         if f.name == "root" or value == getattr(default, f.name) or value is None:
             continue
-        flag = _LONG_NAMES.get(f.name, f.name.replace("_", "-"))
+        flag = LONG_NAMES.get(f.name, f.name.replace("_", "-"))
         if isinstance(value, bool):
             words.append(f"--{flag}" if value else f"--no-{flag}")
         else:
@@ -80,9 +77,9 @@ def run_demo(
     from clipret.data.layout import read_labels_csv
     from clipret.data.synthetic import make_synthetic_dataset
     from clipret.evaluation import evaluate_results
-    from clipret.inference import embed_folder
+    from clipret.embedding.folder import embed_folder
     from clipret.retrieval.search import ExactSearcher
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     workdir = workdir.resolve()  # the printed commands run from any folder
     root, run = workdir / "data", workdir / "run"

@@ -342,7 +342,7 @@ def test_embed_strict_writes_nothing(mixed, tmp_path):
 def test_embed_strict_checks_every_image_first_and_embeds_nothing(tmp_path, monkeypatch):
     """4 bad files of different kinds, one per shard of 4: --strict counts all 4 (as the normal run
     skips 4), names the first, writes nothing and never runs the encoder."""
-    import clipret.inference
+    from clipret.embedding import sharded
 
     folder = tmp_path / "imgs"
     names = write_normal_images(folder, 12)
@@ -357,8 +357,8 @@ def test_embed_strict_checks_every_image_first_and_embeds_nothing(tmp_path, monk
     assert "skipped 4 unreadable image(s)" in r.stderr
 
     calls = []
-    real = clipret.inference.embed_shards
-    monkeypatch.setattr(clipret.inference, "embed_shards", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = sharded.embed_shards
+    monkeypatch.setattr(sharded, "embed_shards", lambda *a, **k: calls.append(a) or real(*a, **k))
     out = tmp_path / "out" / "x.npy"
     r = embed(folder, out, "--shard-size", 4, "--strict")
     assert r.exit_code == 2, r.output

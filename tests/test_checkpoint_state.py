@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_RN
 from clipret.config import TrainConfig
-from clipret.train import state as ckpt_state
+from clipret.training import state as ckpt_state
 
 
 def _fake_cuda(mp: pytest.MonkeyPatch, count: int, current: int = 0) -> dict[int, torch.Tensor]:
@@ -73,8 +73,8 @@ def test_an_empty_scaler_state_starts_the_scaler_fresh():
 
 
 def test_resume_with_fp16_switched_on_loads_a_run_saved_without_a_scaler(tiny_dataset, tmp_path, monkeypatch):
-    from clipret.train import setup
-    from clipret.train.loop import train
+    from clipret.training import setup
+    from clipret.training.loop import train
 
     cfg = TrainConfig(root=str(tiny_dataset), out=str(tmp_path / "run"), model=str(TINY_RN), pretrained="none",
                       image_size=32, epochs=1, p=3, k=2, device="cpu", val_split=0.0, seed=1, workers=0)

@@ -79,7 +79,7 @@ def test_build_flat_from_one_file_prints_the_choice_and_searches_exactly(data):
     assert "auto: 600 vectors < 100000: flat" in r.output and "expected memory" in r.output and "expected recall@10 1.000" in r.output
     meta = info(d / "g.faiss")
     assert (meta["type"], meta["count"], meta["dim"], meta["model_fingerprint"], meta["flags"]) == ("flat", 600, 16, "fp", {"tta": False})
-    assert abs(meta["memory_bytes"] - 600 * 16 * 4) < 1024
+    assert abs(meta["file_bytes"] - 600 * 16 * 4) < 1024
     assert search_ids(d / "g.faiss", data["q"], 5) == exact_ids(data["g"], data["g_ids"], data["q"], 5)
     side = json.loads((d / "g.faiss.json").read_text())
     assert side["ids"] == data["g_ids"] and side["clipret_version"] and side["label_count"] == 600
@@ -120,7 +120,7 @@ def test_info_prints_a_table(data):
     assert run("index", d / "g.npy", "--out", d / "g.faiss").exit_code == 0
     r = run("index", "--info", d / "g.faiss")
     assert r.exit_code == 0
-    for word in ("type", "flat", "count", "600", "dim", "memory", "fingerprint", "fp", "params"):
+    for word in ("type", "flat", "count", "600", "dim", "file size", "fingerprint", "fp", "params"):
         assert word in r.stdout
 
 
@@ -195,7 +195,7 @@ def test_max_memory_chooses_and_refuses(data):
     assert r.exit_code == 0, r.output
     meta = info(d / "g.faiss")
     assert meta["type"] != "flat" and "within --max-memory 30.0 KB" in r.output
-    assert meta["memory_bytes"] <= 30_000 * 1.05
+    assert meta["file_bytes"] <= 30_000 * 1.05
     r = run("index", d / "g.npy", "--out", d / "h.faiss", "--max-memory", "1KB")
     assert r.exit_code == 2 and "fits --max-memory 1.0 KB" in one_line(r) and not (d / "h.faiss").exists()
     r = run("index", d / "g.npy", "--out", d / "h.faiss", "--max-memory", "lots")

@@ -2,7 +2,7 @@
 
 Each test launches ``python -m torch.distributed.run --standalone --nproc_per_node 2`` (its own
 free port, so tests may run side by side) on the tiny dataset, one thread per rank. The
-per-step trace (clipret/train/trace.py) records a digest of every rank's weights after every
+per-step trace (clipret/training/trace.py) records a digest of every rank's weights after every
 step; clipret/_fault.py kills a rank (SIGKILL at a file write) or makes one rank alone raise.
 """
 
@@ -98,7 +98,7 @@ def test_one_model_folder_written_and_one_rank_reports(ddp_run):
 LOSS_SCRIPT = """
 import sys
 import numpy as np, torch, torch.distributed as dist
-from clipret.train.losses import Objective
+from clipret.training.losses import Objective
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -123,7 +123,7 @@ out.update({"arc_loss": loss.detach().numpy(), "arc_grad": emb.grad.numpy(), "ar
             "arc_proxy_grad": arc.parameters()[0].grad.numpy()})
 # a step goes ahead only when every rank has a full P×K batch (an image failed to load on rank 1 here)
 from types import SimpleNamespace
-from clipret.train.loop import _usable
+from clipret.training.loop import _usable
 state = SimpleNamespace(world_size=world, p=2, cfg=SimpleNamespace(k=2), step=5, device=torch.device("cpu"))
 full = {"images": torch.zeros(4, 3, 2, 2), "indices": torch.arange(4)}
 short = {"images": torch.zeros(3, 3, 2, 2), "indices": torch.arange(3)}
@@ -144,7 +144,7 @@ def test_gathered_loss_equals_the_one_rank_loss_of_the_concatenated_batch(tmp_pa
     (The same launch checks that the ranks skip a step together when one has a short batch.)"""
     import torch
 
-    from clipret.train.losses import Objective
+    from clipret.training.losses import Objective
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(16, 8)).astype(np.float32)
@@ -198,7 +198,7 @@ import sys
 import torch
 from clipret import runtime
 from clipret.cli import main
-from clipret.train import loop
+from clipret.training import loop
 
 original = loop.train_step
 
@@ -245,7 +245,7 @@ def test_a_failing_rank_brings_every_rank_down_under_torchrun(tiny_dataset, tmp_
     r = torchrun("train", tiny_dataset, "--out", out, *FAIL_ARGS, timeout=120, CLIPRET_FAULT_RAISE="1:1")
     assert r.returncode != 0
     assert "error: rank 1: injected failure at step 1" in r.stderr
-    assert "clipret/train/" not in r.stderr  # one line from the failing rank, no traceback through clipret
+    assert "clipret/training/" not in r.stderr  # one line from the failing rank, no traceback through clipret
     assert not (out / "model.safetensors").exists()
 
 

@@ -17,7 +17,7 @@ from clipret.errors import ClipretError
 
 def _poison(mp: pytest.MonkeyPatch, bad_calls: set[int] | None) -> list[int]:
     """Make the objective's loss NaN on the given 0-based calls (every call when None); return the call log."""
-    from clipret.train import losses
+    from clipret.training import losses
 
     calls: list[int] = []
     original = losses.Objective.__call__
@@ -51,7 +51,7 @@ def _cli_train(root, out):
 
 
 def test_nonfinite_steps_are_skipped_and_the_run_finishes_finite(tiny_dataset, tmp_path):
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     events: list[tuple[str, dict]] = []
     with pytest.MonkeyPatch.context() as mp:
@@ -70,9 +70,9 @@ def test_nonfinite_steps_are_skipped_and_the_run_finishes_finite(tiny_dataset, t
 
 
 def test_a_streak_of_nonfinite_steps_stops_the_run_with_one_line(tiny_dataset, tmp_path, monkeypatch):
-    from clipret.train import loop
+    from clipret.training import loop, step
 
-    monkeypatch.setattr(loop, "MAX_NONFINITE_STEPS", 3)
+    monkeypatch.setattr(step, "MAX_NONFINITE_STEPS", 3)
     calls = _poison(monkeypatch, None)
     with pytest.raises(ClipretError, match=r"training diverged: .* 3 steps in a row \(up to step 3\)") as err:
         loop.train(_cfg(tiny_dataset, tmp_path / "run"))
@@ -95,7 +95,7 @@ def test_a_skipped_first_step_does_not_make_pytorch_warn_about_the_scheduler_ord
     optimizer and printed a misleading warning."""
     import warnings
 
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -109,7 +109,7 @@ def test_a_skipped_first_step_does_not_make_pytorch_warn_about_the_scheduler_ord
 def _record_steps(mp: pytest.MonkeyPatch, poison) -> list[dict]:
     """Wrap the training step: ``poison(call, state, batch)`` may spoil call ``call`` (0-based); each
     call's buffers before and after and its ``finite`` flag are logged."""
-    from clipret.train import loop
+    from clipret.training import loop
 
     log: list[dict] = []
     original = loop.train_step
@@ -146,7 +146,7 @@ def test_a_nonfinite_forward_leaves_every_batchnorm_statistic_as_it_was(tiny_dat
     """The train-mode forward updates the BatchNorm running statistics (the head's and every layer's
     of a ResNet tower) before the step is judged: a skipped step puts them back, else one inf
     leaves them NaN for good and every later embedding NaN."""
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     with pytest.MonkeyPatch.context() as mp:
         log = _record_steps(mp, poison)
@@ -163,8 +163,8 @@ def test_a_nonfinite_forward_leaves_every_batchnorm_statistic_as_it_was(tiny_dat
 
 def test_a_nonfinite_loss_with_a_finite_gradient_is_skipped(tiny_dataset, tmp_path):
     """A NaN added to the loss leaves its gradient finite: the step is skipped on the loss alone."""
-    from clipret.train import losses
-    from clipret.train.loop import train
+    from clipret.training import losses
+    from clipret.training.loop import train
 
     original = losses.Objective.__call__
 
@@ -185,7 +185,7 @@ def test_a_nonfinite_loss_with_a_finite_gradient_is_skipped(tiny_dataset, tmp_pa
 
 def _nan_validation(mp: pytest.MonkeyPatch, bad_calls: set[int] | None) -> list[int]:
     """Make the held-out embeddings NaN on the given 0-based validations (every one when None)."""
-    from clipret.train import heldout
+    from clipret.training import heldout
 
     calls: list[int] = []
     original = heldout.embed_images
@@ -217,7 +217,7 @@ def test_nonfinite_validation_embeddings_fail_the_epoch_and_are_never_exported(t
 
 
 def test_a_run_whose_every_validation_fails_exports_nothing(tiny_dataset, tmp_path, monkeypatch):
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     _nan_validation(monkeypatch, None)
     with pytest.raises(ClipretError, match="no epoch gave finite .* no model was exported") as err:

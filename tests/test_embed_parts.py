@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clipret.embed_parts import ROW_SETTINGS, parts_dir, prepare_parts
+from clipret.embedding.parts import ROW_SETTINGS, parts_dir, prepare_parts
 from clipret.errors import ClipretError
 
 IDS = [f"{i:02d}.png" for i in range(10)]

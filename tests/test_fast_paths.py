@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clipret.model.build import build_encoder, make_spec
-from clipret.train.fast import CompiledForward, apply_memory_paths, uses_channels_last
+from clipret.training.fast import CompiledForward, apply_memory_paths, uses_channels_last
 from conftest import TINY_RN, TINY_VIT
 from reference import ref_warmup_cosine
 
@@ -162,7 +162,7 @@ def ref_continue_at(epoch, batch, saved_world, world, epoch_length):
 @pytest.mark.parametrize("saved_world", [1, 2, 3, 8])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_continue_at_matches_a_walk_over_the_plan(saved_world, world):
-    from clipret.train.resume import continue_at
+    from clipret.training.resume import continue_at
 
     n_plan = 50  # batches in the epoch plan
     for epoch in (0, 3):
@@ -172,13 +172,13 @@ def test_continue_at_matches_a_walk_over_the_plan(saved_world, world):
 
 
 def test_same_world_size_continues_where_it_stopped():
-    from clipret.train.resume import continue_at
+    from clipret.training.resume import continue_at
 
     assert continue_at(2, 5, 4, 4, 12) == (5, 29)
 
 
 def test_move_to_step_puts_every_group_on_the_schedule():
-    from clipret.train.schedule import make_scheduler, move_to_step
+    from clipret.training.schedule import make_scheduler, move_to_step
 
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.1}])
@@ -190,19 +190,8 @@ def test_move_to_step_puts_every_group_on_the_schedule():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([ref_warmup_cosine(8, 20, 3), 0.1 * ref_warmup_cosine(8, 20, 3)])
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 13])
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_validation_blocks_cover_every_id_once_in_order(n, world):
-    from clipret.train.heldout import contiguous_block
-
-    blocks = [list(contiguous_block(n, world, r)) for r in range(world)]
-    assert [i for b in blocks for i in b] == list(range(n))
-    sizes = [len(b) for b in blocks]
-    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-
-
 def test_rank_seeds_keep_rank_zero_and_differ_between_ranks():
-    from clipret.train.ddp import rank_seed
+    from clipret.training.ddp import rank_seed
 
     assert rank_seed(7, 0) == 7
     seeds = [rank_seed(7, r) for r in range(8)]

@@ -14,10 +14,10 @@ from clipret.artifacts.index import (
     write_index_pair,
 )
 from clipret.errors import ClipretError
-from clipret.retrieval import index_choice as ic
+from clipret.retrieval.index import choice as ic
 from clipret.retrieval.index import FaissExactSearcher, exact_searcher, open_index
-from clipret.retrieval.index_build import build_index
-from clipret.retrieval.index_source import GallerySource, sample_rows, unit_rows
+from clipret.retrieval.index.build import build_index
+from clipret.retrieval.index.source import GallerySource, sample_rows, unit_rows
 from clipret.retrieval.search import ExactSearcher
 
 faiss = pytest.importorskip("faiss")
@@ -276,7 +276,7 @@ def test_vectors_gives_back_the_gallery_rows(tmp_path, kind, params, exact):
 @pytest.mark.parametrize("kind, params, threads", [("flat", {}, 2), ("ivf", {"nlist": 16}, 2),
                                                    ("ivfpq", {"nlist": 8, "m": 8, "nbits": 4}, 2), ("hnsw", {"m": 8}, 1)])
 def test_build_is_byte_identical_for_a_fixed_seed(tmp_path, kind, params, threads):
-    from clipret.retrieval._faiss import set_threads
+    from clipret.retrieval.index._faiss import set_threads
 
     save(tmp_path / "g.npy", unit(2000, 16, 10))
     set_threads(threads)
@@ -296,7 +296,7 @@ TORCH_UTILS_SCRIPT = """
 import numpy as np, torch, faiss.contrib.torch_utils  # replaces faiss's numpy wrappers, as pytorch-metric-learning does
 from clipret import artifacts
 from clipret.retrieval.index import FaissExactSearcher, open_index
-from clipret.retrieval.index_build import build_index, remove_from_index
+from clipret.retrieval.index.build import build_index, remove_from_index
 from clipret.retrieval.search import ExactSearcher
 rng = np.random.default_rng(0)
 g = rng.standard_normal((300, 8)).astype(np.float32)

@@ -19,7 +19,7 @@ from clipret import artifacts
 from clipret.artifacts.index import lock_path, pending_path, read_sidecar, sidecar_path, write_index_pair
 from clipret.cli import app
 from clipret.errors import ClipretError
-from clipret.retrieval import index_build
+from clipret.retrieval.index import build as index_build
 from clipret.retrieval.index import open_index
 
 faiss = pytest.importorskip("faiss")
@@ -196,7 +196,7 @@ def test_rewriting_the_pair_keeps_the_sidecars_mode(tmp_path):
     import os
     import stat
 
-    from clipret.retrieval.index_build import add_to_index, build_index
+    from clipret.retrieval.index.build import add_to_index, build_index
 
     rng = np.random.default_rng(3)
     for name, n in (("a", 40), ("b", 10)):

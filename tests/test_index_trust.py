@@ -15,7 +15,7 @@ from clipret.artifacts.index import TRAILER_SIZE, sidecar_path, write_index_pair
 from clipret.cli import app
 from clipret.errors import ClipretError
 from clipret.retrieval.index import open_index
-from clipret.retrieval.index_build import build_index
+from clipret.retrieval.index.build import build_index
 
 faiss = pytest.importorskip("faiss")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from clipret.model.build import build_encoder, make_spec
-from clipret.train.llrd import current_lrs, layer_depth, param_groups
-from clipret.train.schedule import make_scheduler, warmup_cosine, warmup_steps_for
+from clipret.training.llrd import current_lrs, layer_depth, param_groups
+from clipret.training.schedule import make_scheduler, warmup_cosine, warmup_steps_for
 from conftest import TINY_RN, TINY_VIT
 from reference import ref_warmup_cosine
 

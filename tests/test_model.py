@@ -53,7 +53,7 @@ def test_make_spec_refuses_bad_pool_settings_before_any_download(monkeypatch, mo
 
 
 def test_pool_choices_are_exported_without_torch():
-    code = "import sys; from clipret.model.choices import POOLS, GEM_INPUTS; print(POOLS, GEM_INPUTS, 'torch' in sys.modules)"
+    code = "import sys; from clipret.config import POOLS, GEM_INPUTS; print(POOLS, GEM_INPUTS, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() [-1] == "False"
     from clipret.model.net import POOLS

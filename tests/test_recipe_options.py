@@ -79,7 +79,7 @@ def _cfg(root: Path, out: Path, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def base_run(tiny_dataset, tmp_path_factory):
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     out = tmp_path_factory.mktemp("recipe") / "base"
     train(_cfg(tiny_dataset, out))
@@ -88,7 +88,7 @@ def base_run(tiny_dataset, tmp_path_factory):
 
 def test_no_head_bn_trains_saves_and_reloads(tiny_dataset, tmp_path):
     from clipret.model.build import load_model
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     train(_cfg(tiny_dataset, tmp_path / "run", head_bn=False))
     encoder, spec, _ = load_model(tmp_path / "run")
@@ -108,9 +108,9 @@ def test_run_saved_without_the_head_bn_key_still_has_its_batchnorm(base_run):
 
 @pytest.mark.parametrize("loss", ["multisimilarity", "arcface"])
 def test_other_losses_train_and_arcface_proxies_are_optimised_and_checkpointed(tiny_dataset, tmp_path, loss, monkeypatch):
-    from clipret.train import losses
-    from clipret.train.loop import train
-    from clipret.train.setup import prepare
+    from clipret.training import losses
+    from clipret.training.loop import train
+    from clipret.training.setup import prepare
 
     started: list[list[torch.Tensor]] = []  # each objective's parameters as built
     build = losses.Objective.__init__
@@ -141,7 +141,7 @@ def test_other_losses_train_and_arcface_proxies_are_optimised_and_checkpointed(t
 
 
 def test_arcface_proxies_change_in_training(tiny_dataset, tmp_path):
-    from clipret.train.losses import Objective
+    from clipret.training.losses import Objective
 
     torch.manual_seed(0)
     obj = Objective(loss="arcface", num_classes=3, embed_dim=8)
@@ -209,11 +209,11 @@ def test_pretrained_run_of_another_backbone_is_refused_in_one_line(base_run):
 def test_fine_tune_logs_the_starting_weights_as_epoch_0(tiny_dataset, base_run, tmp_path):
     from clipret.data.decode import decode_side_for
     from clipret.data.transforms import eval_transform
-    from clipret.inference import embed_images
+    from clipret.embedding.batches import embed_images
     from clipret.model.build import load_model
-    from clipret.train.loop import train
-    from clipret.train.setup import load_data
-    from clipret.train.validate import leave_one_out
+    from clipret.training.loop import train
+    from clipret.training.setup import load_data
+    from clipret.training.validate import leave_one_out
 
     out = tmp_path / "tuned"
     events: list[str] = []
@@ -248,7 +248,7 @@ def test_llrd_default_depends_on_whether_the_tower_is_pretrained(llrd, pretraine
 
 
 def test_runs_use_the_resolved_llrd_in_their_param_groups(tiny_dataset, base_run, tmp_path):
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     def scales(run: Path) -> dict[str, float]:
         groups = torch.load(run / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]

@@ -28,8 +28,8 @@ from clipret.retrieval.rerank import (
     rerank_distance_block,
     rerank_progress_total,
 )
-from clipret.retrieval.rerank_encode import Csr, expand, half_length
-from clipret.retrieval.rerank_knn import lower_bound, ragged_topk, stable_order
+from clipret.retrieval.rerank.encode import Csr, expand, half_length
+from clipret.retrieval.rerank.knn import lower_bound, ragged_topk, stable_order
 from clipret.retrieval.search import ExactSearcher
 
 TOL = 1e-5

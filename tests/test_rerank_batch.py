@@ -8,7 +8,7 @@ from test_rerank import clustered
 
 from clipret.evaluation.stream import chunk_rows
 from clipret.retrieval.rerank import prepare_rerank
-from clipret.retrieval.rerank_batch import final_distance, original_distance
+from clipret.retrieval.rerank.batch import final_distance, original_distance
 
 BLOCK_BYTES = 4 * 2**20  # DEFAULT_BLOCK_BYTES (512 MiB) scaled down so the test stays small
 

@@ -7,19 +7,21 @@ from test_rerank import TOL, assert_same_ranking, clustered
 
 from clipret.retrieval.pipeline import Stages, retrieve, score_function
 from clipret.retrieval.rerank import build_gallery_graph, k_reciprocal_rerank, prepare_rerank
-from clipret.retrieval.rerank_graph import graph_neighbors
+from clipret.retrieval.rerank.graph import graph_neighbors
 from clipret.retrieval.search import ExactSearcher
 
 
 class ShortSearcher:
     """Exact search, but like FAISS at a low nprobe: some rows come back short, padded with (-inf, -1) at the end."""
 
+    exact = False  # the Searcher protocol: an index's approximate lists
+
     def __init__(self, gallery, short_every=3, missing=4):
-        self.exact, self.short_every, self.missing = ExactSearcher(gallery), short_every, missing
+        self.inner, self.short_every, self.missing = ExactSearcher(gallery), short_every, missing
         self.calls = 0
 
     def search(self, x, k):
-        s, i = self.exact.search(x, k)
+        s, i = self.inner.search(x, k)
         self.calls += 1
         cut = min(self.missing, k) if k > 1 else 1
         rows = np.arange(len(x)) % self.short_every == self.calls % self.short_every
@@ -56,7 +58,7 @@ def test_ivf_at_nprobe_one_reranks_and_its_short_rows_equal_the_exact_graph(tmp_
     pytest.importorskip("faiss")
     from clipret import artifacts
     from clipret.retrieval.index import open_index
-    from clipret.retrieval.index_build import build_index
+    from clipret.retrieval.index.build import build_index
 
     query, gallery = clustered(8, 400, 8, seed=33, per=20)
     artifacts.save_embeddings(tmp_path / "g.npy", gallery, [f"g{i}" for i in range(400)], fingerprint="fp",

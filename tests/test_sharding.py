@@ -1,4 +1,4 @@
-"""The shard plan (clipret.sharding) against plain loops, and the shard-wise embedding it drives."""
+"""The shard plan (clipret.parallel.shards) against plain loops, and the shard-wise embedding it drives."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipret.sharding import auto_shard_size, shard_batches, shard_bounds, split_contiguous
+from clipret.parallel.shards import auto_shard_size, shard_batches, shard_bounds, split_contiguous
 from conftest import TINY_VIT
 
 # --- slow, obvious references ------------------------------------------------
@@ -109,9 +109,9 @@ def _images(folder, n):
 
 
 def test_embed_shards_equals_embed_images_on_each_shard(tmp_path):
-    from clipret.inference import embed_images, embed_shards
+    from clipret.embedding.batches import embed_images, embed_shards
     from clipret.model.build import open_encoder
-    from clipret.tta import tta_transform
+    from clipret.embedding.tta import tta_transform
 
     ids = _images(tmp_path, 10)
     encoder, spec, _ = open_encoder(str(TINY_VIT), "none")
@@ -128,7 +128,7 @@ def test_embed_shards_equals_embed_images_on_each_shard(tmp_path):
 
 
 def test_resume_takes_the_interrupted_runs_shard_size(tmp_path):
-    from clipret.embed_parts import prepare_parts
+    from clipret.embedding.parts import prepare_parts
     from clipret.errors import ClipretError
 
     out, ids = tmp_path / "x.npy", [f"{i}.png" for i in range(40)]
@@ -154,9 +154,9 @@ def test_a_shard_write_racing_a_peers_strict_cleanup_is_a_peer_error(tmp_path, m
     With one process there is no peer: the write goes ahead."""
     from clipret import artifacts as artifacts_mod
     from clipret.artifacts import Embeddings
-    from clipret.distributed import PeerError
+    from clipret.parallel.groups import PeerError
     from clipret.errors import ClipretError
-    from clipret.sharded_embed import write_shard
+    from clipret.embedding.sharded import write_shard
 
     shard = Embeddings(np.ones((2, 4), dtype=np.float32), ["a.png", "b.png"], fingerprint="f")
     parts = tmp_path / "g.npy.parts"
@@ -187,8 +187,8 @@ def test_a_peer_removing_the_folder_between_a_shards_two_files_is_a_peer_error(t
     manifest: this rank stops as PeerError and does not make OUT.parts/ again (it used to, and
     went on writing into a folder the failed run had removed)."""
     from clipret.artifacts import Embeddings
-    from clipret.distributed import PeerError
-    from clipret.sharded_embed import write_shard
+    from clipret.parallel.groups import PeerError
+    from clipret.embedding.sharded import write_shard
 
     shard = Embeddings(np.ones((2, 4), dtype=np.float32), ["a.png", "b.png"], fingerprint="f")
     parts = tmp_path / "g.npy.parts"
@@ -209,8 +209,8 @@ def test_a_peer_removing_the_folder_between_a_shards_two_files_is_a_peer_error(t
 def test_discarding_the_parts_folder_takes_it_away_before_deleting_its_files(tmp_path, monkeypatch):
     """A rank writing a shard must never see OUT.parts/ half deleted (its temp file gone, the
     folder still there: then its write error would look like its own, a second error line)."""
-    from clipret import embed_parts
-    from clipret.embed_parts import discard_parts
+    from clipret.embedding import parts as embed_parts
+    from clipret.embedding.parts import discard_parts
 
     parts = tmp_path / "g.npy.parts"
     parts.mkdir()

@@ -16,8 +16,8 @@ from clipret.config import TrainConfig
 from clipret.data.dataset import ImageFolderDataset, collate
 from clipret.data.sampler import PKBatchSampler
 from clipret.data.transforms import AugmentConfig, train_transform
-from clipret.train.split import stratified_split
-from clipret.train.validate import leave_one_out
+from clipret.training.split import stratified_split
+from clipret.training.validate import leave_one_out
 from conftest import TINY_RN
 from reference import ref_warmup_cosine
 
@@ -213,8 +213,8 @@ def test_two_workers_load_the_same_batches_as_none(tiny_dataset):
 @pytest.fixture(scope="module")
 def spied_run(tiny_dataset, tmp_path_factory):
     """Two epochs, miner from epoch 2; every miner call and every event in one log."""
-    from clipret.train import losses
-    from clipret.train.loop import train
+    from clipret.training import losses
+    from clipret.training.loop import train
 
     log: list[tuple[str, dict]] = []
 
@@ -283,7 +283,7 @@ def test_automatic_workers_are_zero_for_a_tiny_set(spied_run):
 def test_exported_model_is_the_best_epoch(spied_run, tiny_dataset):
     from clipret.data.layout import training_set
     from clipret.data.transforms import eval_transform
-    from clipret.inference import embed_images
+    from clipret.embedding.batches import embed_images
     from clipret.model.build import load_model
 
     cfg, out, _, rows, summary = spied_run

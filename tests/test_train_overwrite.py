@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from clipret.cli import app
 from clipret.config import TrainConfig
 from clipret.errors import ClipretError
-from clipret.train.setup import replace_run
+from clipret.training.setup import replace_run
 from conftest import TINY_RN
 
 RUN_FILES = ("checkpoint.pt", "model.safetensors", "config.json", "metrics.jsonl", "excluded.json")

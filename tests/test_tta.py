@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from clipret.cli import app
 from clipret.errors import ClipretError
-from clipret.tta import SCALES, ScaledView, TTAViews, n_views, parse_tta, tta_transform
+from clipret.embedding.tta import SCALES, ScaledView, TTAViews, n_views, parse_tta, tta_transform
 from conftest import TINY_VIT
 
 PRE = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -101,7 +101,7 @@ def test_an_unknown_resize_mode_is_refused_in_one_line():
 
 
 def test_embed_images_averages_view_embeddings_and_renormalises(tmp_path):
-    from clipret.inference import embed_images
+    from clipret.embedding.batches import embed_images
     from clipret.model.build import open_encoder
 
     for i in range(3):
@@ -124,7 +124,7 @@ def test_embed_images_averages_view_embeddings_and_renormalises(tmp_path):
 
 def test_each_image_is_decoded_once_whatever_the_views(tmp_path, monkeypatch):
     from clipret.data import dataset
-    from clipret.inference import embed_folder
+    from clipret.embedding.folder import embed_folder
 
     for i in range(5):
         _img(i).save(tmp_path / f"{i}.png")

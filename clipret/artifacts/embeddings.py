@@ -71,7 +71,10 @@ def manifest_path(npy_path: str | os.PathLike[str]) -> Path:
 
 @dataclass
 class Embeddings:
-    """An (N, D) float32 matrix and what is known about it.
+    """An (N, D) float32 matrix of L2-normalised rows and what is known about it.
+
+    ``vectors`` (N, D) float32; ``ids`` one str per row. The same files ``clipret embed`` writes:
+    :meth:`save` and :meth:`load`.
 
     ``vectors`` may be a read-only memory map for large files. ``ids`` has one
     entry per row. Optional manifest fields are ``None`` when the sidecar did
@@ -88,6 +91,25 @@ class Embeddings:
     digest: str | None = None  # array_digest of the vectors, as recorded in the manifest
     content: str | None = None  # content_hash of the vectors, as recorded in the manifest
     root: Path | None = None  # the folder the ids are paths relative to, when known
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the manifest records besides the ids: fingerprint, flags, skipped files, root, path."""
+        return {"fingerprint": self.fingerprint, "flags": dict(self.flags), "skipped": list(self.skipped),
+                "root": str(self.root) if self.root is not None else None,
+                "path": str(self.path) if self.path is not None else None}
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (.npy) and its manifest, as ``clipret embed`` writes them; return ``path``."""
+        save_embeddings(path, self.vectors, self.ids, fingerprint=self.fingerprint, flags=self.flags,
+                        skipped=self.skipped, root=self.root)
+        self.path = Path(path)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = True) -> Embeddings:
+        """Read an embeddings ``.npy`` and its manifest (see :func:`load_embeddings`)."""
+        return load_embeddings(path, mmap=mmap)
 
     def full_hash(self) -> str:
         """The manifest's :func:`content_hash`, or (older manifests, no manifest) the hash computed now."""

@@ -33,7 +33,7 @@ import numpy as np
 from clipret.artifacts.atomic import atomic_path
 
 if TYPE_CHECKING:  # the retrieval modules load only when a graph is read or built
-    from clipret.retrieval.rerank_graph import GalleryGraph
+    from clipret.retrieval.rerank.graph import GalleryGraph
     from clipret.retrieval.search import Searcher
 
 NEIGHBORS_FORMAT = "clipret.knn/1"
@@ -68,7 +68,7 @@ def load_gallery_graph(
 
     A graph built exactly also serves a request for a searcher-built one.
     """
-    from clipret.retrieval.rerank_graph import EXACT, GalleryGraph
+    from clipret.retrieval.rerank.graph import EXACT, GalleryGraph
 
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -109,7 +109,7 @@ def cached_gallery_graph(
     hash); a different key means a different gallery. Returns (graph,
     reused): ``reused`` is False when the graph was (re)built.
     """
-    from clipret.retrieval.rerank_graph import (
+    from clipret.retrieval.rerank.graph import (
         EXACT,
         build_gallery_graph,
         graph_neighbors,

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from clipret.errors import ClipretError, first_line
+from clipret.progress import StageProgress
 
 out = Console()
 err = Console(stderr=True)
@@ -45,27 +46,24 @@ def _line(label: str, style: str, message: str) -> Text:
     return Text.assemble((label, style), " ", message) if label else Text(message)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` on one line of stderr and exit (2 = bad input)."""
     err.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def leave_group(code: int, message: str | None = None) -> None:
-    """Exit a rank whose process group lost a peer: print ``message`` (if any), flush, and leave
-    with ``os._exit``. A normal interpreter exit then runs gloo's C++ destructors, which can abort
-    ("terminate called without an active exception", signal 6) on a connection the peer broke.
-    Only for that path: every file this rank writes is already closed or renamed by then."""
+    """Exit a rank whose process group lost a peer: print ``message`` (if any), then leave at once
+    (:func:`clipret.parallel.groups.exit_rank`); with one process, a plain exit with ``code``."""
     if message is not None:
         err.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
     from clipret import runtime
 
     if runtime.world_size() <= 1:  # no process group to leave (an in-process caller, a test)
         raise typer.Exit(code)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    from clipret.parallel.groups import exit_rank
+
+    exit_rank(code)
 
 
 def handle_errors(fn: F) -> F:
@@ -124,6 +122,23 @@ def progress_bar(total: int | None, description: str, *fields: str) -> Iterator[
             progress.update(task, advance=n, **{k: v for k, v in values.items() if k in fields})
 
         yield advance
+
+
+@contextlib.contextmanager
+def stage_progress() -> Iterator[StageProgress]:
+    """Yield ``on_progress(stage, done, total)``: one progress bar per stage, fed absolute counts.
+    A new stage closes the previous stage's bar (one live bar at a time)."""
+    with contextlib.ExitStack() as stack:
+        state: dict[str, Any] = {"stage": None, "done": 0, "advance": None}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage != state["stage"]:
+                stack.close()
+                state.update(stage=stage, done=0, advance=stack.enter_context(progress_bar(total, stage)))
+            state["advance"](done - state["done"])
+            state["done"] = done
+
+        yield on_progress
 
 
 def print_metrics(metrics: dict[str, Any], title: str, as_json: bool) -> None:

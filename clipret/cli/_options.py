@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -65,7 +69,8 @@ def warn_random_weights(model: str, pretrained: str | None) -> None:
                       "--pretrained TAG or FILE for real weights, or --pretrained none to say this is intended")
 
 
-# Post-processing stages, shared by `query` and `evaluate` (see clipret.retrieval.pipeline).
+# Post-processing stages and index search, shared by `query` and `evaluate` (SearchOptions below; see
+# clipret.retrieval.pipeline).
 Rerank = Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking (Zhong et al. 2017); scores become 1 - final distance.", show_default="off")]
 K1 = Annotated[int, typer.Option("--k1", help="Re-ranking: size of the k-reciprocal neighbour lists; about the number of relevant gallery items a query has works best (30 beat 20 with ~200 per class).")]
 K2 = Annotated[int, typer.Option("--k2", help="Re-ranking: neighbours averaged by its local query expansion (the item included).")]
@@ -97,3 +102,53 @@ ExactDecode = Annotated[
         show_default="off",
     ),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """The post-processing and index-search options of ``query`` and ``evaluate``, declared once
+    (:func:`search_options`)."""
+
+    dba: int = 0
+    qe: int = 0
+    qe_alpha: Optional[float] = None
+    rerank: bool = False
+    k1: int = 20
+    k2: int = 6
+    lam: float = 0.1
+    nprobe: Optional[int] = None
+    ef_search: Optional[int] = None
+    keep_self: bool = False
+
+    def stages(self) -> Any:
+        """The pipeline's :class:`~clipret.retrieval.pipeline.Stages` (a one-line ClipretError on bad values)."""
+        from clipret.retrieval.pipeline import Stages
+
+        return Stages(dba=self.dba, qe=self.qe, qe_alpha=self.qe_alpha, rerank=self.rerank, k1=self.k1, k2=self.k2,
+                      lam=self.lam)
+
+
+_SEARCH_OPTIONS = {"dba": Dba, "qe": Qe, "qe_alpha": QeAlpha, "rerank": Rerank, "k1": K1, "k2": K2, "lam": Lam,
+                   "nprobe": Nprobe, "ef_search": EfSearch, "keep_self": KeepSelf}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def search_options(command: F) -> F:
+    """Give ``command`` the options of :class:`SearchOptions` where its parameter ``options:
+    SearchOptions`` stands (so ``--help`` lists them there); it is called with them gathered
+    into that one ``options`` value."""
+    signature = inspect.signature(command, eval_str=True)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("options")
+    options = [inspect.Parameter(f.name, params[at].kind, default=f.default, annotation=_SEARCH_OPTIONS[f.name])
+               for f in dataclasses.fields(SearchOptions)]
+    params[at : at + 1] = options
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        gathered = SearchOptions(**{o.name: kwargs.pop(o.name) for o in options if o.name in kwargs})
+        return command(*args, options=gathered, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper  # type: ignore[return-value]

@@ -113,8 +113,8 @@ def embed_command(
     discard them unless given --overwrite.
     """
     from clipret import runtime
-    from clipret.inference import embed_folder
-    from clipret.distributed import PeerError
+    from clipret.embedding.folder import embed_folder
+    from clipret.parallel.groups import PeerError
 
     if out.suffix != ".npy":
         _fail(f"--out must end in .npy, got {out}")
@@ -148,7 +148,7 @@ def embed_command(
 def _interrupted(ctx: typer.Context, out: Path, stop: KeyboardInterrupt) -> NoReturn:
     """Say what a stop signal left (the finished shards stay) and how to go on; exit 130 or 143."""
     from clipret import runtime
-    from clipret.embed_parts import finished_shards, parts_dir
+    from clipret.embedding.parts import finished_shards, parts_dir
 
     code = stop.exit_code if isinstance(stop, runtime.Interrupted) else 130
     if runtime.is_main():

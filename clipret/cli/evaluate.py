@@ -8,11 +8,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.cli._options import K1, K2, Dba, EfSearch, Json, KeepSelf, Lam, Nprobe, Qe, QeAlpha, Rerank
+from clipret.cli._options import Json, SearchOptions, search_options
+from clipret.cli._search import prepare, report_self_matches, search
 from clipret.errors import ClipretError
 
 
 @_console.handle_errors
+@search_options
 def evaluate_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="results.json to score (omit with --query/--gallery).", show_default=False)] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", "-l", help="CSV of filename,label for query and gallery ids.", show_default="the class subfolder in each id")] = None,
@@ -21,16 +23,7 @@ def evaluate_command(
     gallery_from_labels: Annotated[bool, typer.Option(help="For a results.json without a sidecar: take every labelled id that is not a query as the gallery.")] = False,
     k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).", show_default="1 5 10")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from different model fingerprints (warns).")] = False,
-    dba: Dba = 0,
-    qe: Qe = 0,
-    qe_alpha: QeAlpha = None,
-    rerank: Rerank = False,
-    k1: K1 = 20,
-    k2: K2 = 6,
-    lam: Lam = 0.1,
-    nprobe: Nprobe = None,
-    ef_search: EfSearch = None,
-    keep_self: KeepSelf = False,
+    options: SearchOptions = SearchOptions(),  # --dba ... --keep-self (see search_options)
     as_json: Json = False,
 ) -> None:
     """Score retrieval against labels.
@@ -57,7 +50,6 @@ def evaluate_command(
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --rerank --qe 3
     """
     from clipret import artifacts, evaluation
-    from clipret.cli.query import report_self_matches
     from clipret.data.layout import folder_labels, read_labels_csv
     from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible
@@ -79,27 +71,26 @@ def evaluate_command(
         else:
             gallery_ids = _results_gallery(files[0], gallery, gallery_from_labels, label_map, query_ids)
         found = _results_self_matches(files[0], gallery, query_ids, gallery_ids)
-        metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks, exclude=None if keep_self else found)
+        metrics = evaluation.evaluate_results(results, label_map, gallery_ids, ks, exclude=None if options.keep_self else found)
         _explain_missing(files[0], results, ks, metrics, labels)
         title = f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
         from clipret.retrieval.gallery import open_gallery
-        from clipret.retrieval.pipeline import Stages
 
-        stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
-        q, g = artifacts.load_embeddings(query), open_gallery(gallery, nprobe=nprobe, ef_search=ef_search)
+        stages = options.stages()
+        q, g = artifacts.load_embeddings(query), open_gallery(gallery, nprobe=options.nprobe, ef_search=options.ef_search)
         for w in check_compatible(q, g, allow_mismatch=allow_mismatch):
             _console.warn(w)
         if label_map is None:
             label_map = folder_labels(q.ids + g.ids)
         found = selfmatch.self_matches(q, g)
-        metrics, how = _score_embeddings(q, g, label_map, ks, stages, None if keep_self else found)
+        metrics, how = _score_embeddings(q, g, label_map, ks, stages, None if options.keep_self else found)
         title = f"retrieval metrics: {query.name} vs {gallery.name} ({how})"
     else:
         _console.fail("nothing to score: pass results.json, or --query q.npy --gallery g.npy")
         return
-    metrics["self_matches_excluded"] = 0 if keep_self else selfmatch.count(found)
-    report_self_matches(found, keep_self)
+    metrics["self_matches_excluded"] = 0 if options.keep_self else selfmatch.count(found)
+    report_self_matches(found, options.keep_self)
     _console.print_metrics(metrics, title, as_json)
 
 
@@ -108,14 +99,12 @@ def _score_embeddings(q: Any, g: Any, label_map: Any, ks: list[int], stages: Any
 
     ``exclude``: (Q,) each query's own gallery row or -1, left out of its ranking and R (None: none)."""
     from clipret import evaluation, metrics
-    from clipret.cli.query import _prepare, search
     from clipret.evaluation import chunk_rows
-    from clipret.retrieval.gallery import prepare_search
     from clipret.retrieval.pipeline import score_function
 
     named = " + ".join(stages.to_dict()) or "plain"
     if g.index is None:
-        setup = _prepare(g, stages, prepare_search)
+        setup = prepare(g, stages)
         rows = chunk_rows(len(g))
         score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph,
                                   exclude=exclude)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -37,7 +35,7 @@ def index_command(
     add: Annotated[Optional[list[Path]], typer.Option("--add", help="Append these embeddings (.npy or folder; repeatable) to --index.", show_default="none")] = None,
     remove: Annotated[Optional[Path], typer.Option("--remove", help="Remove the ids listed in this text file (one per line) from --index.", show_default="none")] = None,
     index: Annotated[Optional[Path], typer.Option("--index", help="The index that --add/--remove change.", show_default="none")] = None,
-    info: Annotated[Optional[Path], typer.Option("--info", help="Print an index's type, count, dim, memory, fingerprint and parameters.", show_default="none")] = None,
+    info: Annotated[Optional[Path], typer.Option("--info", help="Print an index's type, count, dim, file size, fingerprint and parameters.", show_default="none")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from another model fingerprint or with other flags (warns).")] = False,
     as_json: Json = False,
 ) -> None:
@@ -66,74 +64,77 @@ def index_command(
     if info is not None:
         return _print_info(info, as_json)
 
-    from clipret.retrieval import index_build
-    from clipret.retrieval._faiss import import_faiss, set_threads
+    from clipret.retrieval.index import import_faiss, set_threads
 
     import_faiss()
     set_threads(threads)
     if inputs:
-        if out is None:
-            _console.fail("building an index needs --out, e.g. --out gallery.faiss")
-        from clipret.retrieval.index_choice import parse_size
-
-        if out.suffix == ".npy" or any(out.resolve() == Path(p).resolve() for p in inputs):
-            _console.fail(f"--out {escape(str(out))} would overwrite embeddings; write the index to a .faiss file")
-        budget = parse_size(max_memory) if max_memory is not None else None
-        params = {"nlist": nlist, "m": m, "nbits": nbits, "ef_construction": ef_construction, "ef_search": ef_search, "nprobe": nprobe}
-
-        def on_plan(plan: Any, n: int, dim: int) -> None:
-            _print_plan(plan, n, dim)
-            unused = [k for k, v in params.items() if v is not None and k not in plan.params]
-            if unused:
-                _console.warn(f"{plan.type} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}; ignored")
-
-        with _stages() as on_progress:
-            meta = index_build.build_index(inputs, out, kind=type_, params=params, max_memory=budget, seed=seed,
-                                           allow_mismatch=allow_mismatch, on_plan=on_plan, on_progress=on_progress,
-                                           on_warning=_console.warn)
-        _console.info(f"wrote {escape(str(out))} and {escape(str(out))}.json: {meta['type']}, {meta['count']} vectors of dim {meta['dim']}")
-        path = out
+        params = {"nlist": nlist, "m": m, "nbits": nbits, "ef_construction": ef_construction, "ef_search": ef_search,
+                  "nprobe": nprobe}
+        path = _build(inputs, out, type_, params, max_memory=max_memory, seed=seed, allow_mismatch=allow_mismatch)
+    elif index is None:
+        _console.fail(f"{modes[0]} needs --index, the index to change")
+    elif add:
+        path = _add(index, add, allow_mismatch=allow_mismatch)
     else:
-        if index is None:
-            _console.fail(f"{modes[0]} needs --index, the index to change")
-        if add:
-            with _stages() as on_progress:
-                meta = index_build.add_to_index(index, add, allow_mismatch=allow_mismatch, on_progress=on_progress,
-                                                on_warning=_console.warn)
-            _console.info(f"added to {escape(str(index))}: now {meta['count']} vectors")
-        else:
-            ids = _read_ids(remove)
-            meta, missing = index_build.remove_from_index(index, ids)
-            if missing:
-                shown = ", ".join(escape(i) for i in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-                _console.warn(f"{len(missing)} id(s) are not in the index and were ignored: {shown}")
-            _console.info(f"removed {len(set(ids)) - len(missing)} id(s) from {escape(str(index))}: now {meta['count']} vectors")
-        path = index
+        assert remove is not None
+        path = _remove(index, remove)
     if as_json:
         _print_info(path, True)
 
 
+def _build(inputs: list[Path], out: Path | None, kind: str, params: dict[str, Any], *, max_memory: str | None, seed: int,
+           allow_mismatch: bool) -> Path:
+    """Build mode: the index pair ``out`` from ``inputs``; return ``out``."""
+    from clipret.retrieval.index import build_index, parse_size
+
+    if out is None:
+        _console.fail("building an index needs --out, e.g. --out gallery.faiss")
+    if out.suffix == ".npy" or any(out.resolve() == Path(p).resolve() for p in inputs):
+        _console.fail(f"--out {escape(str(out))} would overwrite embeddings; write the index to a .faiss file")
+    budget = parse_size(max_memory) if max_memory is not None else None
+
+    def on_plan(plan: Any, n: int, dim: int) -> None:
+        _print_plan(plan, n, dim)
+        unused = [k for k, v in params.items() if v is not None and k not in plan.params]
+        if unused:
+            _console.warn(f"{plan.type} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}; ignored")
+
+    with _console.stage_progress() as on_progress:
+        meta = build_index(inputs, out, kind=kind, params=params, max_memory=budget, seed=seed,
+                           allow_mismatch=allow_mismatch, on_plan=on_plan, on_progress=on_progress, on_warning=_console.warn)
+    _console.info(f"wrote {escape(str(out))} and {escape(str(out))}.json: {meta['type']}, {meta['count']} vectors of dim {meta['dim']}")
+    return out
+
+
+def _add(index: Path, add: list[Path], *, allow_mismatch: bool) -> Path:
+    """--add mode: append the embeddings ``add`` to ``index``; return ``index``."""
+    from clipret.retrieval.index import add_to_index
+
+    with _console.stage_progress() as on_progress:
+        meta = add_to_index(index, add, allow_mismatch=allow_mismatch, on_progress=on_progress, on_warning=_console.warn)
+    _console.info(f"added to {escape(str(index))}: now {meta['count']} vectors")
+    return index
+
+
+def _remove(index: Path, remove: Path) -> Path:
+    """--remove mode: remove the ids listed in the file ``remove`` from ``index``; return ``index``."""
+    from clipret.retrieval.index import remove_from_index
+
+    ids = _read_ids(remove)
+    meta, missing = remove_from_index(index, ids)
+    if missing:
+        shown = ", ".join(escape(i) for i in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        _console.warn(f"{len(missing)} id(s) are not in the index and were ignored: {shown}")
+    _console.info(f"removed {len(set(ids)) - len(missing)} id(s) from {escape(str(index))}: now {meta['count']} vectors")
+    return index
+
+
 def _print_plan(plan: Any, n: int, dim: int) -> None:
-    from clipret.retrieval.index_choice import format_size
+    from clipret.retrieval.index import format_size
 
     _console.info(f"{escape(plan.reason)}: {escape(plan.describe())} for {n} vectors of dim {dim}; "
                   f"expected memory {format_size(plan.memory)}, expected recall@10 {plan.recall:.3f} (bench/search.py)")
-
-
-@contextlib.contextmanager
-def _stages() -> Iterator[Callable[[str, int, int], None]]:
-    """One progress bar per stage (train, add, write), fed absolute (done, total) counts."""
-    with contextlib.ExitStack() as stack:
-        state: dict[str, Any] = {"stage": None, "done": 0, "advance": None}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage != state["stage"]:
-                stack.close()
-                state.update(stage=stage, done=0, advance=stack.enter_context(_console.progress_bar(total, stage)))
-            state["advance"](done - state["done"])
-            state["done"] = done
-
-        yield on_progress
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -150,8 +151,7 @@ def _read_ids(path: Path) -> list[str]:
 
 
 def _print_info(path: Path, as_json: bool) -> None:
-    from clipret.retrieval.index_build import index_info
-    from clipret.retrieval.index_choice import format_size
+    from clipret.retrieval.index import format_size, index_info
 
     info = index_info(path)
     if as_json:
@@ -162,7 +162,7 @@ def _print_info(path: Path, as_json: bool) -> None:
     table = Table(title=escape(str(path)), show_header=False)
     params = ", ".join(f"{k}={v}" for k, v in info["params"].items()) or "-"
     rows = [("type", info["type"]), ("count", str(info["count"])), ("dim", str(info["dim"])),
-            ("memory", format_size(info["memory_bytes"])), ("fingerprint", str(info["model_fingerprint"])),
+            ("file size", format_size(info["file_bytes"])), ("fingerprint", str(info["model_fingerprint"])),
             ("flags", json.dumps(info["flags"])), ("params", params),
             ("removed", f"{info['tombstones']} tombstones ({info['tombstone_fraction']:.1%}), {info['holes']} holes"),
             ("checksum", f"sha256 {info['faiss_sha256'][:16]}…" if info["faiss_sha256"] else _NO_CHECKSUM),

@@ -8,32 +8,26 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clipret.cli import _console
-from clipret.errors import ClipretError
 from clipret.cli._options import (
-    K1,
-    K2,
     Amp,
-    Dba,
     Device,
-    EfSearch,
     ExactDecode,
-    KeepSelf,
-    Lam,
-    Nprobe,
     Pretrained,
-    Qe,
-    QeAlpha,
-    Rerank,
+    SearchOptions,
     TopK,
     Tta,
     Workers,
+    search_options,
     warn_ignored_pretrained,
     warn_random_weights,
 )
+from clipret.cli._search import report_self_matches, search
 from clipret.cli.embed import EmbedBatchSize, progress_start, rank_progress
+from clipret.errors import ClipretError
 
 
 @_console.handle_errors
+@search_options
 def query_command(
     query: Annotated[Path, typer.Argument(help="Query embeddings (.npy with its .json manifest) or a folder of images.")],
     gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery: embeddings .npy from `clipret embed`, or an index from `clipret index`.")],
@@ -44,16 +38,7 @@ def query_command(
     allow_mismatch: Annotated[bool, typer.Option(help="Allow query and gallery from different model fingerprints (warns).")] = False,
     tta: Tta = None,
     exact_decode: ExactDecode = False,
-    dba: Dba = 0,
-    qe: Qe = 0,
-    qe_alpha: QeAlpha = None,
-    rerank: Rerank = False,
-    k1: K1 = 20,
-    k2: K2 = 6,
-    lam: Lam = 0.1,
-    nprobe: Nprobe = None,
-    ef_search: EfSearch = None,
-    keep_self: KeepSelf = False,
+    options: SearchOptions = SearchOptions(),  # --dba ... --keep-self (see search_options)
     batch_size: EmbedBatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
@@ -86,23 +71,22 @@ def query_command(
     from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible, describe
     from clipret.retrieval.gallery import open_gallery
-    from clipret.retrieval.pipeline import Stages
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
     if not query.exists():
         raise ClipretError(f"query path not found: {query}")
-    stages = Stages(dba=dba, qe=qe, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lam=lam)
+    stages = options.stages()
     if not runtime.is_main() and not query.is_dir():
         return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks
-    gal = open_gallery(gallery, nprobe=nprobe, ef_search=ef_search) if runtime.is_main() else None
+    gal = open_gallery(gallery, nprobe=options.nprobe, ef_search=options.ef_search) if runtime.is_main() else None
     if query.is_dir():
         model, pretrained, tta = _gallery_defaults(gallery, model, pretrained, tta)
         if runtime.is_main():
             warn_ignored_pretrained(model, pretrained)
             warn_random_weights(model, pretrained)
-        from clipret.inference import embed_folder
-        from clipret.distributed import PeerError
+        from clipret.embedding.folder import embed_folder
+        from clipret.parallel.groups import PeerError
 
         try:  # under torchrun every rank embeds its share of the queries; rank 0 gets them all
             with rank_progress("embed queries") as advance:
@@ -125,15 +109,15 @@ def query_command(
     for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):
         _console.warn(w)
     found = selfmatch.self_matches(q, gal)
-    exclude = None if keep_self else found
+    exclude = None if options.keep_self else found
     scores, idx = search(q.vectors, gal, k, stages, exclude=exclude)
     samples = [[gal.ids[j] for j in row if j >= 0] for row in idx]
-    meta = {"k": k, "score": "1 - k-reciprocal final distance" if rerank else "cosine similarity",
+    meta = {"k": k, "score": "1 - k-reciprocal final distance" if options.rerank else "cosine similarity",
             "query": describe(q, query, relative_to=out), "gallery": describe(gal, gallery, relative_to=out),
             "stages": stages.to_dict(),
-            "self_matches": self_match_note(found, keep_self)}
+            "self_matches": self_match_note(found, options.keep_self)}
     artifacts.save_results(out, q.ids, samples, [row[: len(s)] for row, s in zip(scores, samples)], meta=meta)
-    report_self_matches(found, keep_self)
+    report_self_matches(found, options.keep_self)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
 
 
@@ -170,50 +154,3 @@ def self_match_note(found: Any, keep_self: bool) -> dict[str, Any]:
 
     n = selfmatch.count(found)
     return {"rule": selfmatch.RULE, "excluded": 0 if keep_self else n, "kept": n if keep_self else 0}
-
-
-def report_self_matches(found: Any, keep_self: bool) -> None:
-    """One line when some queries are in the gallery: what happened to their own items."""
-    from clipret.retrieval import selfmatch
-
-    n = selfmatch.count(found)
-    if n and keep_self:
-        _console.info(f"kept {n} self-match(es): queries whose own item is in the gallery may list it (--keep-self)")
-    elif n:
-        _console.info(f"left out {n} self-match(es): a query's own item in the gallery is not its hit "
-                      "(--keep-self keeps them)")
-
-
-def search(queries, gal, k: int, stages, exclude=None):  # type: ignore[no-untyped-def]
-    """Run the pipeline over an opened gallery with progress bars; (scores (Q, k), rows (Q, k)).
-
-    ``exclude`` (Q,): each query's own gallery row or -1, left out of its list."""
-    from clipret.retrieval.gallery import prepare_search
-    from clipret.retrieval.pipeline import retrieve
-    from clipret.retrieval.rerank import rerank_progress_total
-
-    setup = _prepare(gal, stages, prepare_search)
-    total = rerank_progress_total(len(queries), len(gal), builds_graph=False) if stages.rerank else len(queries)
-    with _console.progress_bar(total, "re-rank" if stages.rerank else "search") as advance:
-        return retrieve(queries, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph, exclude=exclude,
-                        on_progress=advance)
-
-
-def _prepare(gal, stages, prepare_search):  # type: ignore[no-untyped-def]
-    """prepare_search with one progress bar per long gallery-side step (DBA, the re-ranking graph)."""
-    import contextlib
-
-    bars: dict[str, object] = {}
-    with contextlib.ExitStack() as stack:
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = (stack.enter_context(_console.progress_bar(total, stage)), 0)
-            advance, seen = bars[stage]  # type: ignore[misc]
-            advance(done - seen)
-            bars[stage] = (advance, done)
-
-        setup = prepare_search(gal, stages, on_progress=on_progress)
-    for note in setup.notes:
-        _console.warn(note)
-    return setup

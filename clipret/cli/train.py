@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -186,27 +185,28 @@ def _resume(ctx: typer.Context, values: dict[str, Any]) -> None:
             _console.fail(f"nothing to resume: no checkpoint at {run / 'checkpoint.pt'}; pass the run folder "
                           "(clipret train --resume RUN), or ROOT --out RUN --resume")
     given.pop("out", None)
-    from clipret.train.loop import resume
+    from clipret.training.loop import resume
 
     _run(lambda on_event: resume(run, overrides=given, on_event=on_event))
 
 
 def _train_new(cfg: Any, overwrite: bool, on_event: Any) -> dict[str, Any]:
-    from clipret.train.loop import train
+    from clipret.training.loop import train
 
     return train(cfg, overwrite=overwrite, on_event=on_event)  # with --overwrite it replaces the old run first
 
 
 def _run(start: Any) -> None:
     """Run ``start(on_event)`` with progress on rank 0; every rank leaves on an error, non-zero, and
-    on SIGINT/SIGTERM (after a checkpoint, see :mod:`clipret.train.stop`) with 130/143."""
+    on SIGINT/SIGTERM (after a checkpoint, see :mod:`clipret.training.stop`) with 130/143."""
     from clipret import _fault, runtime
-    from clipret.distributed import PeerError
+    from clipret.cli._train_progress import run_with_progress
     from clipret.errors import ClipretError
-    from clipret.train.stop import TrainingStopped
+    from clipret.parallel.groups import PeerError, lost_peer
+    from clipret.training.stop import TrainingStopped
 
     try:
-        _run_with_progress(start)
+        run_with_progress(start)
     except TrainingStopped as stop:
         if runtime.is_main():
             _console.info(f"stopped by {stop.name} after step {stop.step} of {stop.total}; checkpoint written to "
@@ -220,88 +220,10 @@ def _run(start: Any) -> None:
             raise ClipretError(f"rank {runtime.rank()}: {exc}") from None
         raise
     except RuntimeError as exc:
-        if runtime.world_size() > 1 and _lost_peer(exc):
+        if runtime.world_size() > 1 and lost_peer(exc):
             _console.leave_group(1, f"rank {runtime.rank()} lost contact with another rank, which failed or was stopped "
                                  "(its error is above)")
         raise
-
-
-def _lost_peer(exc: BaseException) -> bool:
-    """A collective failed because another rank went away (gloo/NCCL messages, or torch's DistError)."""
-    import torch.distributed as dist
-
-    text = str(exc)
-    return isinstance(exc, getattr(dist, "DistError", ())) or "closed by peer" in text or "Connection reset" in text
-
-
-def _run_with_progress(start: Any) -> None:
-    state: dict[str, Any] = {}
-    bars, checking = contextlib.ExitStack(), contextlib.ExitStack()
-
-    def on_event(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "check":
-            state["checked"] = checking.enter_context(_console.progress_bar(payload["total"], "check images"))
-        elif kind == "checked":
-            state["checked"](payload["n"])
-        elif kind == "setup":
-            checking.close()  # one live bar at a time
-            _setup_lines(payload)
-            bar = _console.progress_bar(payload["total_steps"], "train", "epoch", "loss", "lr", "head_lr", "img/s")
-            state["advance"] = bars.enter_context(bar)
-            if payload["start_step"]:
-                state["advance"](payload["start_step"])
-        elif kind == "step":
-            state["advance"](1, epoch=payload["epoch"], loss=f"{payload['loss']:.3f}", lr=f"{payload['lr']:.2e}",
-                             head_lr=f"{payload['head_lr']:.2e}", **{"img/s": f"{payload['img_s']:.0f}"})
-        elif kind == "epoch":
-            val = f", val R@1 {payload['val_recall@1']:.3f}, MAP@R {payload['val_map@r']:.3f}" if "val_map@r" in payload else ""
-            if "val_nonfinite" in payload:
-                val = ", val failed (non-finite embeddings)"
-            loss = "–" if payload["train_loss"] is None else f"{payload['train_loss']:.4f}"  # None: no finite step
-            _console.info(f"epoch {payload['epoch']}: loss {loss}{val}{' (best)' if payload['best'] else ''}")
-        elif kind == "baseline":
-            _console.info(f"before training (the starting weights): val R@1 {payload['val_recall@1']:.3f}, "
-                          f"MAP@R {payload['val_map@r']:.3f}")
-        elif kind == "warning":
-            _console.warn(payload["message"])
-
-    with bars, checking:
-        summary = start(on_event)  # on ranks other than 0 no event comes
-    from clipret import runtime
-
-    if runtime.is_main():
-        _console.info(f"best epoch {summary['best_epoch']}; model written to {summary['out']}")
-
-
-def _shown(value: Any) -> Any:
-    return "auto" if value is None else value  # workers None is the automatic choice
-
-
-def _setup_lines(payload: dict[str, Any]) -> None:
-    resumed = payload["resumed"]
-    if resumed is not None:
-        changed = resumed["changed"]
-        what = "; overridden: " + ", ".join(f"{n.replace('_', '-')} {_shown(new)} (was {_shown(old)})"
-                                            for n, (old, new) in changed.items()) if changed else ""
-        done = "; it had finished, nothing is left to train" if resumed["step"] >= payload["total_steps"] else ""
-        saved_world, world = resumed.get("world_size") or (None, None)
-        ranks = (f"; it ran on {saved_world} process(es), now {world}: it goes on at the same point of the schedule, "
-                 "not bit for bit as an uninterrupted run") if saved_world not in (None, world) else ""
-        _console.info(f"resuming at step {resumed['step']} of {payload['total_steps']} with the run's settings{what}{ranks}{done}")
-    world = payload.get("world_size", 1)
-    batch = f"P×K = {payload['p']}×{payload['k']}" + (f" per process × {world} processes = {payload['batch']} images per step"
-                                                      if world > 1 else "")
-    where = f"{world} processes ({payload['device']} on rank 0)" if world > 1 else payload["device"]
-    _console.info(
-        f"training {payload['backbone']} ({payload['pretrained']}) on {payload['n_train']} images, "
-        f"{payload['n_classes']} classes, {payload['n_val']} held out; {batch}; "
-        f"{payload['total_steps']} steps on {where} (amp: {payload['amp']}, workers: {payload['workers']})"
-    )
-    for w in payload["warnings"]:
-        _console.warn(w)
-    _console.report_unreadable(payload["excluded"], "excluded", "training image")
-    if payload["small_classes"]:
-        _console.warn(f"{payload['small_classes']} classes have fewer than K images; they are sampled with replacement")
 
 
 train_command.__doc__ = _HELP

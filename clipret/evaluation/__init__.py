@@ -23,24 +23,16 @@ from clipret.artifacts import Embeddings
 from clipret.data.layout import labels_for
 from clipret.errors import ClipretError
 from clipret.evaluation.ranks import RankCounter, relevant_ranks
-from clipret.evaluation.stream import (
-    DEFAULT_BLOCK_BYTES,
-    ScoreFn,
-    chunk_rows,
-    evaluate_scores,
-    matmul_scores,
-    score_chunks,
-)
+from clipret.evaluation.stream import DEFAULT_BLOCK_BYTES, chunk_rows, evaluate_scores, score_chunks
+from clipret.retrieval.scores import ScoreFn, matmul_scores
 
 __all__ = [
     "evaluate_results",
     "evaluate_embeddings",
     "evaluate_scores",
     "label_codes",
-    "matmul_scores",
     "score_chunks",
     "chunk_rows",
-    "ScoreFn",
     "RankCounter",
     "relevant_ranks",
 ]

@@ -1,8 +1,8 @@
 """Full-ranking metrics streamed over query chunks, in bounded memory.
 
 The scores of one chunk of queries against the whole gallery, an (n, G)
-block, come from a pluggable *score function*; the default is a matmul
-against a (possibly memory-mapped) gallery, read once per chunk. Each row is
+block, come from a pluggable *score function* (:mod:`clipret.retrieval.scores`); the
+default is a matmul against a (possibly memory-mapped) gallery, read once per chunk. Each row is
 reduced at once to the ranks of its relevant items (:class:`RankCounter`,
 no sort of the row) and those to per-query metric values; nothing of size
 Q x G is ever held, and no index array is built for a whole gallery row.
@@ -14,7 +14,6 @@ mapped.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,15 +21,10 @@ import numpy as np
 
 from clipret.evaluation.ranks import RankCounter
 from clipret.metrics import per_query_metrics, summarize
+from clipret.retrieval.scores import ScoreFn
+from clipret.runtime import available_cpus
 
-__all__ = ["ScoreFn", "DEFAULT_BLOCK_BYTES", "chunk_rows", "matmul_scores", "score_chunks", "evaluate_scores"]
-
-ScoreFn = Callable[[int, int], np.ndarray]
-"""``score_fn(q0, q1) -> (q1 - q0, G)`` float scores of queries q0..q1-1, higher is better.
-
-The returned block is read before the next call, so a score function may
-reuse one output buffer.
-"""
+__all__ = ["DEFAULT_BLOCK_BYTES", "chunk_rows", "score_chunks", "evaluate_scores"]
 
 DEFAULT_BLOCK_BYTES = 512 * 2**20
 _HITS_PER_BATCH = 1 << 20  # rank arrays gathered before they are reduced to metrics
@@ -39,26 +33,6 @@ _HITS_PER_BATCH = 1 << 20  # rank arrays gathered before they are reduced to met
 def chunk_rows(n_gallery: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES, itemsize: int = 4) -> int:
     """Query rows per chunk so that an (rows, G) score block fits ``max_block_bytes`` (at least 1)."""
     return max(1, int(max_block_bytes) // (itemsize * max(1, int(n_gallery))))
-
-
-def matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int) -> ScoreFn:
-    """Cosine scores ``query[q0:q1] @ gallery.T`` into one reused (rows, G) float32 buffer.
-
-    query: (Q, D), gallery: (G, D) float32, L2-normalised; either may be a
-    memory map (the gallery is then streamed from disk once per call).
-    """
-    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(f"need (Q, D) queries and a (G, D) gallery, got {query.shape} and {gallery.shape}")
-    g_t = np.asarray(gallery).T
-    buf = np.empty((max(1, rows), gallery.shape[0]), dtype=np.float32)
-
-    def score(q0: int, q1: int) -> np.ndarray:
-        if q1 - q0 > buf.shape[0]:
-            raise ValueError(f"asked for {q1 - q0} rows; this score function holds {buf.shape[0]}")
-        q = np.ascontiguousarray(query[q0:q1], dtype=np.float32)
-        return np.matmul(q, g_t, out=buf[: q1 - q0])
-
-    return score
 
 
 def score_chunks(score_fn: ScoreFn, query_codes: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -100,7 +74,7 @@ def evaluate_scores(
     if not ks or min(ks) < 1 or max(ks) > gallery_codes.size:
         raise ValueError(f"every k must be in [1, {gallery_codes.size}], got {ks}")
     members = _Members(gallery_codes)
-    workers = max(1, int(workers or _cpus()))
+    workers = max(1, int(workers or available_cpus()))
     counters = [RankCounter(gallery_codes.size) for _ in range(workers)]
     values: list[dict[str, np.ndarray]] = []
     n_relevant: list[np.ndarray] = []
@@ -172,9 +146,3 @@ class _Members:
             return self._order[:0]
         return self._order[self._starts[code] : self._starts[code + 1]]
 
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

@@ -191,15 +191,7 @@ def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks, 
             raise ValueError("a query's own item is in its ranked list; remove it before scoring")
         q_l, g_l = np.asarray(query_labels), np.asarray(gallery_labels)
         n_relevant = n_relevant - ((own >= 0) & (g_l[np.maximum(own, 0)] == q_l))
-    ks = [int(k) for k in ks]
-    for k in ks:
-        _check_relevance(relevance, k)
-    ranks, offsets = hit_ranks(relevance)
-    full = bool(np.array_equal(np.diff(offsets), n_relevant))
-    values = per_query_metrics(ranks, offsets, n_relevant, ks, full=full)
-    if n_relevant.size and n_relevant.max() > relevance.shape[1]:
-        del values["map@r"], values["r_precision"]
-    return summarize(values, n_relevant)
+    return _evaluate(relevance, n_relevant, ks)
 
 
 def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) -> dict[str, float]:
@@ -212,9 +204,23 @@ def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) 
     if ranked.ndim != 2 or ranked.shape[1] != np.asarray(gallery_labels).shape[0]:
         raise ValueError(f"a full ranking has one column per gallery item, got shape {ranked.shape}")
     relevance = rank_relevance(query_labels, gallery_labels, ranked)
-    n_relevant = count_relevant(query_labels, gallery_labels)
+    return _evaluate(relevance, count_relevant(query_labels, gallery_labels), ks, full=True)
+
+
+def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks, *, full: bool | None = None) -> dict[str, float]:
+    """The body both ``evaluate_*`` share: (Q, K) bool relevance and (Q,) R -> the summary.
+
+    ``full``: whether every list holds all R relevant items of its query (``map`` is then
+    known); None decides from the lists. ``map@r`` and ``r_precision`` are left out when some
+    R exceeds K (they need the top R).
+    """
     ks = [int(k) for k in ks]
     for k in ks:
         _check_relevance(relevance, k)
     ranks, offsets = hit_ranks(relevance)
-    return summarize(per_query_metrics(ranks, offsets, n_relevant, ks, full=True), n_relevant)
+    if full is None:
+        full = bool(np.array_equal(np.diff(offsets), n_relevant))
+    values = per_query_metrics(ranks, offsets, n_relevant, ks, full=full)
+    if n_relevant.size and n_relevant.max() > relevance.shape[1]:
+        del values["map@r"], values["r_precision"]
+    return summarize(values, n_relevant)

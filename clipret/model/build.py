@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from clipret import artifacts
+from clipret.config import GEM_INPUTS, POOLS
 from clipret.errors import ClipretError
 from clipret.model import _open_clip, backbone, warm_start
-from clipret.model.choices import GEM_INPUTS, POOLS
 from clipret.model.net import ClipImageEncoder, RetrievalNet
 from clipret.model.tower import TokenTower
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipret.model.choices import POOLS
+from clipret.config import POOLS
 from clipret.model.head import EmbeddingHead
 from clipret.model.pooling import GeM, MeanPool
 from clipret.model.tower import TokenTower

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipret.model.choices import GEM_INPUTS
+from clipret.config import GEM_INPUTS
 
 __all__ = ["GEM_INPUTS", "GeM", "MeanPool", "clamp_min_recoverable", "gem", "nonnegative"]
 

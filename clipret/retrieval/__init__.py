@@ -1,5 +1,14 @@
-"""Retrieval: search (exact now, FAISS indexes later) and neighbour-list post-processing.
+"""Retrieval: arrays in, rankings out. Never imports torch, so query and evaluate on .npy files start fast.
 
-Everything here works on numpy arrays and never imports torch, so query and
-evaluate on .npy files start fast.
+* :mod:`~clipret.retrieval.ranking`: the one tie rule every ranking follows;
+* :mod:`~clipret.retrieval.search`: the :class:`~clipret.retrieval.search.Searcher` protocol and
+  exact chunked search;
+* :mod:`~clipret.retrieval.expansion`: query expansion (QE, α-QE) and DBA;
+* :mod:`~clipret.retrieval.rerank`: k-reciprocal re-ranking;
+* :mod:`~clipret.retrieval.index`: FAISS indexes (an optional extra);
+* :mod:`~clipret.retrieval.pipeline`: the stages in their fixed order; :mod:`~clipret.retrieval.scores`:
+  full-gallery score blocks for evaluation;
+* :mod:`~clipret.retrieval.gallery`: a gallery (embeddings or an index) and what searching it needs;
+  :mod:`~clipret.retrieval.selfmatch` and :mod:`~clipret.retrieval.compat`: which query is which
+  gallery item, and whether two sides can be compared.
 """

@@ -9,7 +9,6 @@ re-ranking neighbour graph (cached beside a ``.npy`` gallery).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clipret.errors import ClipretError
+from clipret.progress import StageProgress, stage_counter
 from clipret.retrieval.pipeline import Stages, apply_dba, default_searcher
 from clipret.retrieval.rerank import GalleryGraph
 from clipret.retrieval.search import Searcher
@@ -26,7 +26,12 @@ __all__ = ["Gallery", "SearchSetup", "open_gallery", "prepare_search", "read_gal
 
 @dataclass
 class Gallery:
-    """Ids (row order), model fingerprint, flags, and either vectors or an opened index."""
+    """A gallery to search: ids (row order), model fingerprint, flags, and either (G, D) float32
+    unit-row vectors (a ``.npy``) or an opened FAISS index (a ``.faiss`` pair).
+
+    Open one with :meth:`open`; change it with :meth:`add` and :meth:`remove` (a ``.npy`` gallery
+    in memory, written by :meth:`save`; an index on disk, in place, as ``clipret index --add``).
+    """
 
     ids: list[str]
     fingerprint: str | None
@@ -40,10 +45,84 @@ class Gallery:
 
     @property
     def dim(self) -> int:
+        """D, the vectors' width."""
         return self.dim_
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, nprobe: int | None = None, ef_search: int | None = None) -> Gallery:
+        """Open ``g.npy`` (with its manifest) or ``g.faiss`` (with its sidecar); see :func:`open_gallery`."""
+        return open_gallery(path, nprobe=nprobe, ef_search=ef_search)
+
+    def add(self, embeddings: Any, *, allow_mismatch: bool = False) -> Gallery:
+        """Append :class:`~clipret.artifacts.Embeddings` ((N, D) float32 unit rows); returns self.
+
+        Refused in one line: another dim, another model (unless ``allow_mismatch``), or an id already here.
+        """
+        from clipret.retrieval.compat import check_compatible
+
+        check_compatible(embeddings, self, allow_mismatch=allow_mismatch)
+        if self.index is not None:
+            from clipret.retrieval.index import add_to_index
+
+            add_to_index(self.path, [embeddings], allow_mismatch=allow_mismatch)
+            return self._reopen()
+        present = set(self.ids)
+        clash = [i for i in embeddings.ids if i in present]
+        if clash:
+            raise ClipretError(f"{len(clash)} id(s) are already in the gallery ({', '.join(clash[:3])}); remove them first")
+        assert self.vectors is not None
+        self.vectors = np.concatenate([np.asarray(self.vectors), np.asarray(embeddings.vectors, dtype=np.float32)])
+        self.ids = [*self.ids, *embeddings.ids]
+        self.content = None  # the rows changed: hashed anew when a cache needs it
+        return self
+
+    def remove(self, ids: Any) -> Gallery:
+        """Drop the rows of ``ids`` (an id not here is a one-line error); returns self."""
+        ids = [str(i) for i in ids]
+        missing = sorted(set(ids) - set(self.ids))
+        if missing:
+            raise ClipretError(f"{len(missing)} id(s) are not in the gallery ({', '.join(missing[:3])})")
+        if self.index is not None:
+            from clipret.retrieval.index import remove_from_index
+
+            remove_from_index(self.path, ids)
+            return self._reopen()
+        gone = set(ids)
+        keep = np.array([i not in gone for i in self.ids], dtype=bool)
+        assert self.vectors is not None
+        self.vectors = np.asarray(self.vectors)[keep]
+        self.ids = [i for i, k in zip(self.ids, keep) if k]
+        self.content = None
+        return self
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write a ``.npy`` gallery (and its manifest) to ``path`` (default: where it came from).
+
+        An index is changed in place by :meth:`add` and :meth:`remove`, so it has nothing to save.
+        """
+        from clipret.artifacts import Embeddings
+
+        if self.index is not None:
+            if path is not None and Path(path).resolve() != Path(self.path).resolve():
+                raise ClipretError(f"an index is changed in place; copy {self.path} and its sidecar to keep the old one")
+            return Path(self.path)
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ClipretError("this gallery came from memory: pass save(path)")
+        assert self.vectors is not None
+        emb = Embeddings(np.asarray(self.vectors), list(self.ids), fingerprint=self.fingerprint, flags=self.flags,
+                         root=self.root)
+        emb.save(target)
+        self.path, self.content = target, None  # hashed anew when a cache needs it
+        return target
+
+    def _reopen(self) -> Gallery:
+        fresh = open_gallery(self.path)
+        self.__dict__.update(fresh.__dict__)
+        return self
 
 
 def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_search: int | None = None) -> Gallery:
@@ -140,7 +219,7 @@ def prepare_search(
     stages: Stages,
     *,
     cache: bool = True,
-    on_progress: Callable[[str, int, int], None] | None = None,
+    on_progress: StageProgress | None = None,
 ) -> SearchSetup:
     """Resolve vectors, searcher and the re-ranking graph for ``stages`` over ``gallery``.
 
@@ -173,22 +252,10 @@ def prepare_search(
     vectors = gallery.vectors
     assert vectors is not None
     if stages.dba:
-        vectors = apply_dba(vectors, stages.dba, on_progress=_stage(on_progress, "dba", len(gallery)))
+        vectors = apply_dba(vectors, stages.dba, on_progress=stage_counter(on_progress, "dba", len(gallery)))
     searcher = default_searcher(vectors)
     return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, None, cache=cache, notes=notes,
                                                  on_progress=on_progress), notes)
-
-
-def _stage(on_progress: Callable[[str, int, int], None] | None, name: str, total: int) -> Callable[[int], None] | None:
-    if on_progress is None:
-        return None
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        on_progress(name, done[0], total)
-
-    return advance
 
 
 def gallery_hash(gallery: Gallery) -> str:
@@ -202,12 +269,12 @@ def gallery_hash(gallery: Gallery) -> str:
 
 
 def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searcher: Searcher | None, *, cache: bool,
-           notes: list[str], on_progress: Callable[[str, int, int], None] | None) -> GalleryGraph | None:
+           notes: list[str], on_progress: StageProgress | None) -> GalleryGraph | None:
     """The gallery's k-nearest-gallery lists for re-ranking: from the cache when it matches, else built."""
     if not stages.rerank or vectors is None:
         return None
     from clipret.artifacts.neighbors import load_gallery_graph, neighbors_path, save_gallery_graph
-    from clipret.retrieval.rerank_graph import EXACT, build_gallery_graph, graph_neighbors
+    from clipret.retrieval.rerank.graph import EXACT, build_gallery_graph, graph_neighbors
 
     m = graph_neighbors(stages.k1, stages.k2)
     method = EXACT if searcher is None else type(searcher).__name__
@@ -218,7 +285,7 @@ def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searche
         if graph is not None:
             return graph
     graph = build_gallery_graph(vectors, k1=stages.k1, k2=stages.k2, searcher=searcher,
-                                on_progress=_stage(on_progress, "gallery graph", len(vectors)))
+                                on_progress=stage_counter(on_progress, "gallery graph", len(vectors)))
     if graph.filled:
         notes.append(f"{graph.filled} of {len(vectors)} gallery items got fewer than {m} neighbours from the index; "
                      "their re-ranking lists came from exact search (raise --nprobe or --ef-search)")

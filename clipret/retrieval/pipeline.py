@@ -1,7 +1,7 @@
 """The retrieval pipeline: DBA -> QE -> search -> k-reciprocal re-ranking -> top-k.
 
 The order is fixed (test-time augmentation happens earlier, when images are
-embedded, see :mod:`clipret.tta`):
+embedded, see :mod:`clipret.embedding.tta`):
 
 1. **DBA** (gallery side): each gallery vector becomes the mean of itself and
    its top-N gallery neighbours (:func:`~clipret.retrieval.expansion.dba`);
@@ -20,23 +20,21 @@ gives (chunk, G) blocks of final scores for full-ranking evaluation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from clipret.errors import ClipretError
+from clipret.progress import Progress
 from clipret.retrieval.expansion import dba as dba_gallery
 from clipret.retrieval.expansion import expand_queries
 from clipret.retrieval.rerank import GalleryGraph, check_rerank_params, k_reciprocal_rerank, prepare_rerank
+from clipret.retrieval.scores import ScoreFn, matmul_scores, rerank_scores
 from clipret.retrieval.search import Searcher
 from clipret.retrieval.selfmatch import drop_rows
 
 __all__ = ["Stages", "retrieve", "score_function", "apply_dba", "default_searcher"]
-
-Progress = Callable[[int], None] | None
-
 
 @dataclass(frozen=True)
 class Stages:
@@ -89,7 +87,7 @@ def default_searcher(gallery: np.ndarray) -> Searcher:
     return exact_searcher(gallery)
 
 
-def apply_dba(gallery: np.ndarray, n: int, *, searcher: Searcher | None = None, on_progress: Progress = None) -> np.ndarray:
+def apply_dba(gallery: np.ndarray, n: int, *, searcher: Searcher | None = None, on_progress: Progress | None = None) -> np.ndarray:
     """(G, D) gallery -> (G, D) float32 DBA'd gallery (in memory); ``n == 0`` returns ``gallery`` itself."""
     if not n:
         return gallery
@@ -117,7 +115,7 @@ def retrieve(
     searcher: Searcher | None = None,
     graph: GalleryGraph | None = None,
     exclude: np.ndarray | None = None,
-    on_progress: Progress = None,
+    on_progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows for every query, after the stages.
 
@@ -144,7 +142,7 @@ def retrieve(
     q = _queries(query, gallery, stages, searcher, exclude) if stages.qe else np.ascontiguousarray(query, dtype=np.float32)
     depth = k + 1 if _excluding(exclude) else k
     if stages.rerank:
-        graph_searcher = None if _is_exact(searcher) else searcher
+        graph_searcher = None if searcher.exact else searcher  # exact search: the graph uses its own exact kNN
         found = k_reciprocal_rerank(q, gallery, depth, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph,
                                     searcher=graph_searcher, on_progress=on_progress)
     else:
@@ -161,7 +159,7 @@ def score_function(
     searcher: Searcher | None = None,
     graph: GalleryGraph | None = None,
     exclude: np.ndarray | None = None,
-) -> Callable[[int, int], np.ndarray]:
+) -> ScoreFn:
     """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better.
 
     For full-ranking evaluation (:func:`clipret.evaluation.evaluate_embeddings`):
@@ -174,23 +172,7 @@ def score_function(
     searcher = searcher or default_searcher(gallery)
     q = _queries(query, gallery, stages, searcher, exclude)
     if stages.rerank:
-        graph_searcher = None if _is_exact(searcher) else searcher
+        graph_searcher = None if searcher.exact else searcher  # exact search: the graph uses its own exact kNN
         batch = prepare_rerank(q, gallery, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph, searcher=graph_searcher)
-        buf = np.empty((max(1, rows), gallery.shape[0]), dtype=np.float32)  # one block, reused (read before the next call)
-
-        def reranked(q0: int, q1: int) -> np.ndarray:
-            if q1 - q0 > buf.shape[0]:
-                raise ValueError(f"asked for {q1 - q0} rows; this score function holds {buf.shape[0]}")
-            d = batch.distance_block(q0, q1, out=buf[: q1 - q0])
-            return np.subtract(np.float32(1), d, out=d)
-
-        return reranked
-    from clipret.evaluation import matmul_scores
-
+        return rerank_scores(batch, rows)
     return matmul_scores(q, gallery, rows)
-
-
-def _is_exact(searcher: Searcher) -> bool:
-    from clipret.retrieval.search import ExactSearcher
-
-    return type(searcher).__name__ in {ExactSearcher.__name__, "FaissExactSearcher"}

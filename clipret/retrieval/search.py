@@ -18,6 +18,12 @@ from clipret.retrieval.ranking import merge_topk, topk_rows
 
 
 class Searcher(Protocol):
+    """Top-k search over a gallery. ``exact`` says whether results are the exact top k (brute
+    force) or an index's approximation; re-ranking builds its gallery graph exactly itself
+    when the searcher is exact, and through the searcher otherwise."""
+
+    exact: bool
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) float32 -> (scores (Q, k) float32, indices (Q, k) int64), best first."""
         ...
@@ -29,6 +35,8 @@ class ExactSearcher:
     Memory is bounded by ``query_chunk * gallery_chunk`` scores at a time, so a
     gallery of millions of rows streams from disk.
     """
+
+    exact = True
 
     def __init__(self, gallery: np.ndarray, *, query_chunk: int = 1024, gallery_chunk: int = 65536) -> None:
         if gallery.ndim != 2 or gallery.shape[0] == 0:

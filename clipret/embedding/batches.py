@@ -1,9 +1,9 @@
-"""Embed image files with an encoder: batched, robust to bad files, ids kept aligned.
+"""One process, images in batches -> rows: the encoder's forward passes over image files.
 
-:func:`embed_folder` runs the same way on one process or on every rank under torchrun: the ids
-are cut into shards (:mod:`clipret.sharding`), each rank embeds a contiguous block of them, and
-the parts are merged in id order (through ``OUT.parts/`` files with ``out``, see
-:mod:`clipret.embed_parts`; in memory without).
+:func:`embed_shards` reads the ids of several shards (:mod:`clipret.parallel.shards`) through
+one DataLoader and yields each shard's rows; :func:`embed_images` is the one-shard case. Every
+shard is cut into batches from its own start, so its rows do not depend on who embeds it
+(:mod:`clipret.embedding.sharded` builds resumable and multi-rank embedding on that).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipret import distributed
-from clipret.artifacts import Embeddings
 from clipret.data.dataset import ImageFolderDataset, collate
+from clipret.embedding.tta import average_views
+from clipret.parallel.shards import shard_batches
 from clipret.runtime import autocast
-from clipret.sharding import shard_batches
-from clipret.tta import average_views, parse_tta
+
+__all__ = ["CPU_BATCH", "CUDA_BATCH", "default_batch_size", "embed_images", "embed_shards", "tf32_matmuls"]
 
 CPU_BATCH, CUDA_BATCH = 64, 256  # default images per forward pass
 
@@ -64,7 +64,7 @@ def embed_images(
 
     Returns ``(vectors, kept_ids, skipped)``: vectors is (N', D) float32 with
     unit rows, one per kept id. A transform that returns a (V, 3, H, W) stack
-    per image (test-time augmentation, :mod:`clipret.tta`) gets its V view
+    per image (test-time augmentation, :mod:`clipret.embedding.tta`) gets its V view
     embeddings averaged and re-normalised; and ``skipped`` lists ``{"id", "reason"}`` for
     every file that could not be decoded. ``decode_side`` lets JPEGs decode at
     a reduced scale (see :func:`clipret.data.decode.load_rgb`). ``on_batch(n)`` is called with the
@@ -139,62 +139,3 @@ def _finish(rows: list[torch.Tensor], kept: list[int], skipped: list[dict[str, s
     with torch.inference_mode():
         vectors = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, dim), dtype=np.float32)
     return vectors.astype(np.float32, copy=False), [ids[i] for i in kept], skipped
-
-
-def embed_folder(
-    folder: str | Path,
-    model: str,
-    pretrained: str | None = None,
-    *,
-    out: str | Path | None = None,
-    shard_size: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    device: str = "auto",
-    amp: str = "auto",
-    strict: bool = False,
-    tta: str | None = None,
-    dba: int = 0,
-    exact_decode: bool = False,
-    on_start: Callable[[int], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> Embeddings:
-    """List, decode and embed every image under ``folder`` with ``model``.
-
-    ``model`` is a trained run folder or an open_clip name/config (zero-shot
-    CLIP embedding with ``pretrained`` weights). With ``strict``, every image is checked
-    first (:func:`clipret.data.validate.check_images`): any that cannot be decoded raises
-    :class:`ClipretError` naming the count and the first few, and nothing is embedded or written.
-    ``batch_size`` defaults to 256 on CUDA, 64 on the CPU.
-
-    With ``out`` (a .npy path) the result is also written there with its
-    manifest, and progress is kept in shards of ``shard_size`` ids under
-    ``OUT.parts/`` (default: :func:`clipret.sharding.auto_shard_size`): with ``resume``,
-    finished shards of an interrupted run are reused and only missing ones are embedded. They
-    must match: the same model fingerprint, the same ids, and every setting that changes a row
-    (:data:`clipret.embed_parts.ROW_SETTINGS`: --tta, --exact-decode, the batch size, the amp
-    dtype, the device type), else :class:`ClipretError`; ``shard_size`` and ``batch_size`` left
-    None take the interrupted run's. Every shard is embedded in the same batches whoever embeds
-    it, so the merged result is identical to an uninterrupted run. Without ``resume``, finished
-    shards of an interrupted run are an error unless ``overwrite`` (start again). The parts
-    folder is removed once ``out`` is written.
-
-    Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0 lists the folder, each rank
-    embeds a contiguous block of the shards still to do, and rank 0 merges them. Rank 0
-    returns the whole result; with ``out`` it alone writes ``out`` (after DBA) and the
-    other ranks return the rows they embedded (no DBA); without ``out`` every rank returns
-    the whole result (gathered in memory: each rank takes one contiguous block of ids).
-    ``on_start(n)`` gets the number of images this rank will handle.
-    """
-    from clipret import runtime
-
-    dev = runtime.resolve_device(device)  # under torchrun: this rank's own GPU
-    with distributed.process_group(dev), distributed.work_group() as group, tf32_matmuls(dev):
-        from clipret.sharded_embed import run
-
-        return run(folder, model, pretrained, out=Path(out) if out is not None else None, shard_size=shard_size,
-                   resume=resume, overwrite=overwrite, batch_size=batch_size, workers=workers, device=dev, amp=amp,
-                   strict=strict, tta=parse_tta(tta), dba=dba, exact_decode=exact_decode, on_start=on_start,
-                   on_batch=on_batch, group=group)

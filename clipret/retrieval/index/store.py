@@ -26,7 +26,7 @@ import numpy as np
 
 from clipret.artifacts.index import read_index_pair
 from clipret.errors import ClipretError
-from clipret.retrieval._faiss import (
+from clipret.retrieval.index._faiss import (
     GPU_MAX_K,
     gpu_count,
     gpu_resources,
@@ -36,7 +36,7 @@ from clipret.retrieval._faiss import (
     set_threads,
     to_gpu,
 )
-from clipret.retrieval.index_build import live_labels
+from clipret.retrieval.index.build import live_labels
 from clipret.retrieval.ranking import sort_neighbors
 from clipret.retrieval.search import ExactSearcher, Searcher
 
@@ -50,6 +50,8 @@ class IndexSearcher:
     at build time. ``gpu=None`` moves flat and IVF-flat indexes to GPU 0 when
     faiss-gpu sees one; the CPU copy stays for :meth:`vectors`.
     """
+
+    exact = False  # an index's lists (approximate but for flat): re-ranking builds its graph through the index
 
     def __init__(self, index: Any, meta: dict[str, Any], *, nprobe: int | None = None, ef_search: int | None = None,
                  gpu: bool | None = None) -> None:
@@ -206,6 +208,8 @@ class FaissExactSearcher:
     places, and scores may differ by ~1e-7.
     """
 
+    exact = True
+
     def __init__(self, gallery: np.ndarray, *, query_chunk: int = QUERY_CHUNK, gpu: bool | None = None) -> None:
         if gallery.ndim != 2 or gallery.shape[0] == 0:
             raise ValueError(f"gallery must be a non-empty (G, D) array, got {gallery.shape}")
@@ -280,4 +284,4 @@ def exact_searcher(gallery: np.ndarray, *, use_faiss: bool | None = None) -> Sea
     return ExactSearcher(gallery)
 
 
-__all__ = ["FaissExactSearcher", "IndexGallery", "IndexSearcher", "exact_searcher", "is_index_path", "open_index"]
+__all__ = ["FaissExactSearcher", "IndexGallery", "IndexSearcher", "exact_searcher", "is_index_path", "open_index", "search_with_ties"]

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipret import artifacts, distributed, runtime
+from clipret import artifacts, runtime
+from clipret.parallel import groups
 
 if TYPE_CHECKING:
-    from clipret.train.setup import TrainState
+    from clipret.training.setup import TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -28,7 +29,7 @@ def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[floa
 
     Every rank calls this (each hands over its RNG state); rank 0 writes.
     """
-    rngs = distributed.all_gather_object(capture_rng(state.device))
+    rngs = groups.all_gather_object(capture_rng(state.device))
     if not runtime.is_main():
         return
     artifacts.save_checkpoint(state.out / CHECKPOINT_NAME, {

@@ -7,7 +7,7 @@ identical (rank 0's are written). What each rank computes:
 * its own P×K batch of the shared epoch plan (:class:`clipret.data.sampler.PKBatchSampler`);
 * the forward of that batch: the head's BatchNorm normalises over the rank's own P×K rows
   (plain BatchNorm, not SyncBatchNorm: see README, "Several GPUs", for why);
-* the loss and the miner over every rank's embeddings (:class:`clipret.train.losses.Objective`),
+* the loss and the miner over every rank's embeddings (:class:`clipret.training.losses.Objective`),
   so the gradient is that of the loss of the whole P×K×world-size batch.
 
 With one process everything here is a no-op.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipret import distributed
+from clipret.parallel import groups
 
 __all__ = ["rank_seed", "sync_buffers", "wrap"]
 
@@ -30,7 +30,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     DDP copies rank 0's parameters and buffers to every rank here, and (its default) rank 0's
     buffers, BatchNorm running statistics, again before each training forward.
     """
-    if not distributed.active():
+    if not groups.active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -45,7 +45,7 @@ def sync_buffers(model: nn.Module) -> None:
     hold running statistics updated by their own last batch; validation embeds with rank 0's,
     the ones the exported model has.
     """
-    if not distributed.active():
+    if not groups.active():
         return
     import torch.distributed as dist
 

@@ -92,6 +92,33 @@ def candidates(scores: np.ndarray, bound: np.ndarray, mask: np.ndarray | None = 
     return rows, cols, scores.reshape(-1)[flat]
 
 
+def pad_groups(keys: np.ndarray, ids: np.ndarray, values: np.ndarray, pad_id: int, *, width: int = 0,
+               n_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ragged ``(key, id, value)`` triples, grouped by key (equal keys adjacent), as one padded row per key.
+
+    Returns ``(keys (H,), values (H, W), ids (H, W) int64)``: the triples of each key in their
+    order, then ``-inf`` values with id ``pad_id``; W = max(``width``, the longest group).
+    Without ``n_rows``: one row per distinct key, in order (``keys`` must be non-empty). With
+    ``n_rows``: ``keys`` are row numbers, ascending, and every row 0..n_rows-1 is returned (a row
+    with no triple is all padding).
+    """
+    if n_rows is None:
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        counts = np.diff(np.r_[starts, keys.size])
+        hit, row = keys[starts], np.repeat(np.arange(starts.size), counts)
+        pos = np.arange(keys.size) - np.repeat(starts, counts)
+    else:
+        counts = np.bincount(keys, minlength=n_rows)
+        starts = np.cumsum(counts) - counts
+        hit, row = np.arange(n_rows), keys
+        pos = np.arange(keys.size) - starts[keys]
+    w = max(int(width), int(counts.max(initial=0)))
+    padded = np.full((hit.size, w), -np.inf, dtype=values.dtype)
+    padded_ids = np.full((hit.size, w), pad_id, dtype=np.int64)
+    padded[row, pos], padded_ids[row, pos] = values, ids
+    return hit, padded, padded_ids
+
+
 def ragged_topk(rows: np.ndarray, ids: np.ndarray, values: np.ndarray, n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` (value descending, then id ascending) of each row of a ragged list.
 
@@ -101,14 +128,7 @@ def ragged_topk(rows: np.ndarray, ids: np.ndarray, values: np.ndarray, n_rows: i
     :func:`~clipret.retrieval.ranking.topk_rows` so the tie rule is the shared
     one. A row with fewer than ``k`` entries ends in ``-inf`` values.
     """
-    counts = np.bincount(rows, minlength=n_rows)
-    starts = np.cumsum(counts) - counts
-    pos = np.arange(rows.size) - starts[rows]
-    width = max(k, int(counts.max(initial=0)))
-    padded = np.full((n_rows, width), -np.inf, dtype=values.dtype)
-    padded[rows, pos] = values
-    padded_ids = np.zeros((n_rows, width), dtype=np.int64)
-    padded_ids[rows, pos] = ids
+    _, padded, padded_ids = pad_groups(rows, ids, values, 0, width=k, n_rows=n_rows)
     vals, where = topk_rows(padded, k)
     return vals, np.take_along_axis(padded_ids, where, axis=1)
 

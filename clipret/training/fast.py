@@ -3,7 +3,7 @@
 Each is a switch of :class:`clipret.config.TrainConfig` and acts where it helps (CUDA, or the
 tower kind it is made for); each was checked on the CPU to compute the same thing as the plain
 path (tests/test_ddp.py). bf16 autocast (``--amp``) and fused AdamW (on CUDA) live in
-:mod:`clipret.runtime` and :mod:`clipret.train.setup`.
+:mod:`clipret.runtime` and :mod:`clipret.training.setup`.
 """
 
 from __future__ import annotations

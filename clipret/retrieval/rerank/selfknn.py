@@ -8,7 +8,7 @@ matrix products of a row-by-row pass, and s(i, j) == s(j, i) exactly.
 Each item keeps a running top ``m``; a block only contributes entries that
 reach the item's current m-th best (ties included, the merge applies the
 ranking rule). An item whose list is not full yet uses the group-maximum
-lower bound of :func:`~clipret.retrieval.rerank_knn.lower_bound` over the
+lower bound of :func:`~clipret.retrieval.rerank.knn.lower_bound` over the
 block instead. Memory: the (n, m) lists plus one block.
 """
 
@@ -20,10 +20,11 @@ from collections.abc import Callable
 import numpy as np
 
 from clipret.retrieval.ranking import merge_topk
-from clipret.retrieval.rerank_knn import (
+from clipret.retrieval.rerank.knn import (
     BLOCK_SCORES,
     candidates,
     lower_bound,
+    pad_groups,
     stable_order,
 )
 
@@ -34,14 +35,7 @@ def _absorb(
     """Merge (item, neighbour, score) triples, grouped by item, into the running lists."""
     if items.size == 0:
         return
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
-    counts = np.diff(np.r_[starts, items.size])
-    hit = items[starts]
-    pos = np.arange(items.size) - np.repeat(starts, counts)
-    row = np.repeat(np.arange(hit.size), counts)
-    new_s = np.full((hit.size, int(counts.max())), -np.inf, dtype=np.float32)
-    new_i = np.full(new_s.shape, n, dtype=np.int64)  # padding sorts after every real item
-    new_s[row, pos], new_i[row, pos] = vals, nbrs
+    hit, new_s, new_i = pad_groups(items, nbrs, vals, n)  # padding (id n) sorts after every real item
     top_s[hit], top_i[hit] = merge_topk((top_s[hit], top_i[hit]), (new_s, new_i), top_s.shape[1])
 
 

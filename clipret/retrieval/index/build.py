@@ -47,15 +47,15 @@ from clipret.artifacts.index import (
     write_index_pair,
 )
 from clipret.errors import ClipretError
-from clipret.retrieval import index_choice
-from clipret.retrieval._faiss import import_faiss, numpy_method, to_gpu
-from clipret.retrieval.index_source import (
+from clipret.progress import StageProgress
+from clipret.retrieval.index import choice
+from clipret.retrieval.index._faiss import import_faiss, numpy_method, to_gpu
+from clipret.retrieval.index.source import (
     GallerySource,
     check_same_model,
     sample_rows,
 )
 
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 ADD_CHUNK = 16384  # rows read, normalised and added at a time
 
 
@@ -63,7 +63,7 @@ def _noop(stage: str, done: int, total: int) -> None:
     pass
 
 
-def new_index(plan: index_choice.IndexPlan, dim: int, seed: int) -> Any:
+def new_index(plan: choice.IndexPlan, dim: int, seed: int) -> Any:
     """An empty (untrained) FAISS index for ``plan``, inner-product metric."""
     faiss = import_faiss()
     p = plan.params
@@ -92,16 +92,16 @@ def new_index(plan: index_choice.IndexPlan, dim: int, seed: int) -> Any:
     return index
 
 
-def train_size(plan: index_choice.IndexPlan, n: int) -> int:
+def train_size(plan: choice.IndexPlan, n: int) -> int:
     """Rows in the k-means sample: 64 a cell, and at least 64·2^nbits for PQ (capped at ``n``)."""
     p = plan.params
-    size = index_choice.TRAIN_POINTS_PER_LIST * p.get("nlist", 1)
+    size = choice.TRAIN_POINTS_PER_LIST * p.get("nlist", 1)
     if plan.type == "ivfpq":
         size = max(size, 64 * 2 ** p["nbits"])
     return min(n, size)
 
 
-def add_source(index: Any, kind: str, source: GallerySource, first_label: int, on_progress: ProgressFn = _noop) -> int:
+def add_source(index: Any, kind: str, source: GallerySource, first_label: int, on_progress: StageProgress = _noop) -> int:
     """Add every row of ``source`` with labels ``first_label``, ...; return the next label."""
     label, total = first_label, len(source)
     on_progress("add", 0, total)
@@ -126,8 +126,8 @@ def build_index(
     max_memory: int | None = None,
     seed: int = 0,
     allow_mismatch: bool = False,
-    on_plan: Callable[[index_choice.IndexPlan, int, int], None] | None = None,
-    on_progress: ProgressFn = _noop,
+    on_plan: Callable[[choice.IndexPlan, int, int], None] | None = None,
+    on_progress: StageProgress = _noop,
     on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build an index pair at ``out`` from embeddings files/folders; return the sidecar.
@@ -140,7 +140,7 @@ def build_index(
     for w in source.check(allow_mismatch=allow_mismatch):
         (on_warning or (lambda _: None))(w)
     n, dim = len(source), source.dim
-    plan = index_choice.plan_index(kind, n, dim, dict(params or {}), max_memory)
+    plan = choice.plan_index(kind, n, dim, dict(params or {}), max_memory)
     if on_plan is not None:
         on_plan(plan, n, dim)
     index = new_index(plan, dim, seed)
@@ -184,7 +184,7 @@ def add_to_index(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     allow_mismatch: bool = False,
-    on_progress: ProgressFn = _noop,
+    on_progress: StageProgress = _noop,
     on_warning: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Append the vectors and ids of ``inputs`` to an index pair; return the new sidecar.
@@ -269,12 +269,13 @@ def live_labels(meta: dict[str, Any]) -> np.ndarray:
 
 
 def index_info(index_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``--info`` prints: everything in the sidecar but the ids, plus the memory it takes (no faiss needed)."""
+    """What ``--info`` prints: everything in the sidecar but the ids, plus the index file's size in bytes
+    (``file_bytes``; no faiss needed)."""
     meta = read_sidecar(index_path)
     gone = len(meta.get("tombstones", []))
     return {
         "path": str(Path(index_path)), "type": meta["type"], "count": meta["count"], "dim": meta["dim"],
-        "memory_bytes": int(meta["faiss_bytes"]), "model_fingerprint": meta.get("model_fingerprint"),
+        "file_bytes": int(meta["faiss_bytes"]), "model_fingerprint": meta.get("model_fingerprint"),
         "flags": meta.get("flags", {}), "params": meta.get("params", {}), "metric": meta.get("metric"),
         "tombstones": gone, "tombstone_fraction": round(gone / max(1, gone + meta["count"]), 4),
         "holes": len(meta.get("holes", [])), "clipret_version": meta.get("clipret_version"),

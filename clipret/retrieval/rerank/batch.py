@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipret.retrieval.ranking import topk_rows
-from clipret.retrieval.rerank_encode import Csr, segment_positions
-from clipret.retrieval.rerank_knn import ragged_topk
+from clipret.retrieval.rerank.encode import Csr, segment_positions
+from clipret.retrieval.rerank.knn import ragged_topk
 
 _SCRATCH = 1 << 23  # (rows, G) float32 Jaccard accumulator entries per block (32 MiB)
 _GATHER = 1 << 22  # inverted-index entries gathered per block

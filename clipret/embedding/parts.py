@@ -46,7 +46,7 @@ def discard_parts(parts: Path) -> None:
     """Remove ``parts`` as one step, then its contents: it is first renamed to a hidden sibling.
 
     Other ranks may be writing shards into ``parts`` at that moment. After the rename their
-    writes fail on the missing folder (and :func:`clipret.sharded_embed.write_shard` tells them a
+    writes fail on the missing folder (and :func:`clipret.embedding.sharded.write_shard` tells them a
     peer removed it), rather than racing a half-done ``rmtree``. A folder already gone is fine.
     """
     trash = parts.with_name(f".{parts.name}.removed-{os.getpid()}")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipret.retrieval.ranking import merge_topk, sort_neighbors
-from clipret.retrieval.rerank_selfknn import symmetric_knn
+from clipret.retrieval.rerank.knn import pad_groups
+from clipret.retrieval.rerank.selfknn import symmetric_knn
 from clipret.retrieval.search import ExactSearcher, Searcher
 
 EXACT = "exact"
@@ -169,15 +170,7 @@ def merge_queries(
     out_s[:, : graph.neighbors] = graph.scores[:, :m]
     if g_rows.size == 0:
         return out_i, out_s
-    first = np.flatnonzero(np.r_[True, g_rows[1:] != g_rows[:-1]])
-    counts = np.diff(np.r_[first, g_rows.size])
-    hit = g_rows[first]
-    pos = np.arange(g_rows.size) - np.repeat(first, counts)
-    extra_s = np.full((hit.size, int(counts.max())), -np.inf, dtype=np.float32)
-    extra_i = np.full(extra_s.shape, n_query + g, dtype=np.int64)  # padding sorts after every real item
-    hit_row = np.repeat(np.arange(hit.size), counts)
-    extra_s[hit_row, pos] = values
-    extra_i[hit_row, pos] = q_rows
+    hit, extra_s, extra_i = pad_groups(g_rows, q_rows, values, n_query + g)  # padding sorts after every real item
     step = chunk or 1 << 16
     for a in range(0, hit.size, step):
         h = hit[a : a + step]

@@ -6,10 +6,10 @@ without the loop knowing about terminals. Kinds: "check" and "checked" (the
 up-front image validation), "setup", "step", "epoch", "done".
 
 The pieces are separate so that one can change without the others:
-:func:`clipret.train.setup.prepare` builds the run, :func:`run_epoch` feeds
-batches to :func:`train_step`, and :func:`end_epoch` validates, exports the
+:func:`clipret.training.setup.prepare` builds the run, :func:`run_epoch` feeds
+batches to :func:`clipret.training.step.train_step`, and :func:`end_epoch` validates, exports the
 best model and checkpoints. On SIGINT or SIGTERM the step in progress finishes, a checkpoint is
-written after it and :class:`clipret.train.stop.TrainingStopped` is raised.
+written after it and :class:`clipret.training.stop.TrainingStopped` is raised.
 
 The loop is resumable and rank-aware: every random choice is seeded per
 epoch (sampler), per sample (augmentation, see
@@ -20,11 +20,11 @@ the sampler can start mid-epoch; and only rank 0 writes files.
 A step whose loss, gradient or BatchNorm statistics are not finite (NaN or inf; the ranks agree)
 leaves the model as it was, weights and statistics (snapshotted before the forward, put back), and
 is left out of the epoch's mean loss; a warning says so once per streak, and
-``MAX_NONFINITE_STEPS`` in a row stop the run as diverged. An epoch whose held-out embeddings
+``MAX_NONFINITE_STEPS`` in a row stop the run as diverged (:mod:`clipret.training.step`). An epoch whose held-out embeddings
 are not finite is scored as a failure (``val_nonfinite``), never as a result, and never exported.
 
 Under torchrun (``torchrun --nproc_per_node N -m clipret train ...``) every
-rank runs this same loop in DistributedDataParallel (:mod:`clipret.train.ddp`):
+rank runs this same loop in DistributedDataParallel (:mod:`clipret.training.ddp`):
 the process group is set up here, around the whole run, and taken down on the
 way out, also on error. Only rank 0 reports events and writes files.
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,22 +42,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from clipret import _fault, artifacts, distributed, runtime
-from clipret.config import TrainConfig
+from clipret import _fault, artifacts, runtime
+from clipret.config import NO_WEIGHTS, TrainConfig
 from clipret.data.dataset import collate
 from clipret.errors import ClipretError
-from clipret.model.backbone import NO_WEIGHTS
 from clipret.model.build import save_model
-from clipret.train import stop
-from clipret.train.heldout import nonfinite_warning, validate_epoch, validate_start
-from clipret.train.llrd import current_lrs
-from clipret.train.resume import resumed_config
-from clipret.train.setup import EXCLUDED_NAME, Event, TrainState, prepare, replace_run
-from clipret.train.state import CHECKPOINT_NAME, all_finite, restore_buffers, save_checkpoint, snapshot_buffers
+from clipret.parallel import groups
+from clipret.training import stop
+from clipret.training.heldout import nonfinite_warning, validate_epoch, validate_start
+from clipret.training.llrd import current_lrs
+from clipret.training.resume import resumed_config
+from clipret.training.setup import EXCLUDED_NAME, Event, TrainState, prepare, replace_run
+from clipret.training.state import CHECKPOINT_NAME, save_checkpoint
+from clipret.training.step import train_step
 
 __all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
 METRICS_NAME = "metrics.jsonl"
-MAX_NONFINITE_STEPS = 20  # skipped non-finite steps in a row before training stops as diverged
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:
@@ -78,10 +77,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, on_event: Event = _noop)
         raise ClipretError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to replace it, or another --out")
     if cfg.root:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "root": str(Path(cfg.root).resolve())})
-    with distributed.process_group(runtime.resolve_device(cfg.device)):
+    with groups.process_group(runtime.resolve_device(cfg.device)):
         if overwrite:  # the old run goes before any rank writes (rank 0 moves it aside; a refusal stops every rank)
-            with distributed.work_group() as group:
-                distributed.from_main(lambda: replace_run(cfg), group)
+            with groups.work_group() as group:
+                groups.from_main(lambda: replace_run(cfg), group)
         _remove_stale_temps(out)
         return _run(prepare(cfg, None, on_event), None, on_event)
 
@@ -91,17 +90,17 @@ def resume(run: str | Path, *, overrides: Mapping[str, Any] | None = None, on_ev
 
     ``overrides`` holds settings the user gave explicitly; only those of
     :data:`clipret.config.RESUME_OVERRIDABLE` may differ from the run's (see
-    :func:`clipret.train.resume.resumed_config`). With the world size it was
+    :func:`clipret.training.resume.resumed_config`). With the world size it was
     saved with, the resumed run performs exactly the optimiser steps the
     original schedule had left, and ends with the same weights as an
     uninterrupted run. With another world size it goes on at the same point of
-    the epoch plan and of the LR schedule (see :func:`clipret.train.resume.continue_at`).
+    the epoch plan and of the LR schedule (see :func:`clipret.training.resume.continue_at`).
     """
     on_event = on_event if runtime.is_main() else _noop
     out = Path(run)
     ckpt = artifacts.load_checkpoint(out / CHECKPOINT_NAME)
     cfg, changed = resumed_config(ckpt["config"], out, overrides)
-    with distributed.process_group(runtime.resolve_device(cfg.device)):
+    with groups.process_group(runtime.resolve_device(cfg.device)):
         _remove_stale_temps(out)
         return _run_resumed(prepare(cfg, ckpt, on_event), changed, on_event)  # the DDP model is gone before the group
 
@@ -124,7 +123,7 @@ def _run(state: TrainState, resumed: dict[str, Any] | None, on_event: Event) -> 
         if baseline is not None:
             _write_history(state)
             _report(on_event, "baseline", baseline)
-    with runtime.catch_stop_signals(defer=True) as state.stop:  # SIGINT/SIGTERM: see clipret.train.stop
+    with runtime.catch_stop_signals(defer=True) as state.stop:  # SIGINT/SIGTERM: see clipret.training.stop
         for epoch in range(state.start_epoch, state.cfg.epochs):
             losses, seen, seconds = run_epoch(state, epoch, on_event)
             _report(on_event, "epoch", end_epoch(state, epoch, losses, seen / max(seconds, 1e-9)))
@@ -223,54 +222,11 @@ def _usable(state: TrainState, batch: dict[str, Any], on_event: Event) -> bool:
     if state.world_size == 1:
         return batch["images"] is not None
     full = batch["images"] is not None and len(batch["indices"]) == state.p * state.cfg.k
-    if distributed.all_true(full, state.device):
+    if groups.all_true(full, state.device):
         return True
     on_event("warning", {"message": f"skipped a step after step {state.step}: an image of it could not be read on some rank "
                                     "(under torchrun every rank needs a full P×K batch)"})
     return False
-
-
-def train_step(state: TrainState, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """One optimiser step on a collated batch; returns {"loss", "lr", "head_lr", ...miner info}.
-
-    ``loss`` is the loss of the whole step's batch (every rank's); ``lr`` is the base LR
-    this step used (the top block's), ``head_lr`` the head's.
-    """
-    fmt = torch.channels_last if state.channels_last else torch.preserve_format
-    images = batch["images"].to(state.device, non_blocking=True, memory_format=fmt)
-    labels = torch.as_tensor(state.data.train_labels[batch["indices"].numpy()], device=state.device)
-    buffers = snapshot_buffers(state.model)  # the train-mode forward updates the BatchNorm statistics
-    with runtime.autocast(state.device, state.amp):
-        emb = state.forward(images)
-    loss, info = state.objective(emb, labels, epoch)
-    state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    state.objective.sync_grads()
-    state.scaler.unscale_(state.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_([*state.model.parameters(), *state.objective.parameters()], state.cfg.grad_clip)
-    grads_finite = bool(torch.isfinite(norm))  # of gradients already averaged over the ranks: every rank decides alike
-    # the statistics (and ArcFace's loss) are each rank's own, from its own batch: the ranks agree on them explicitly
-    finite = grads_finite and distributed.all_true(all_finite([loss.detach(), *state.model.buffers()]), state.device)
-    if finite or (state.scaler.is_enabled() and not grads_finite):
-        state.scaler.step(state.optimizer)  # an fp16 scaler skips a non-finite step itself (and lowers its scale)
-    state.scaler.update()
-    if not finite:
-        restore_buffers(state.model, buffers)
-    state.nonfinite_steps = 0 if finite else state.nonfinite_steps + 1
-    if state.nonfinite_steps >= MAX_NONFINITE_STEPS:
-        raise ClipretError(
-            f"training diverged: the loss, its gradient or the BatchNorm statistics were not finite for "
-            f"{state.nonfinite_steps} steps in a row (up to step {state.step + 1}); those steps left the model as it was, "
-            f"and {state.out} keeps the last checkpoint and best model; train again with a lower --lr or a longer --warmup")
-    lr, head_lr = state.last_lrs = current_lrs(state.optimizer)
-    if finite:
-        state.scheduler.step()
-    else:  # the schedule moves on over a skipped step; PyTorch would take that for a call out of order
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            state.scheduler.step()
-    state.step += 1
-    return {"loss": float(loss.detach()) / state.objective.scale, "lr": lr, "head_lr": head_lr, "finite": finite, **info}
 
 
 def end_epoch(state: TrainState, epoch: int, losses: list[float], img_per_s: float) -> dict[str, Any]:

@@ -13,22 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from clipret import distributed, runtime
+from clipret import runtime
 from clipret.data.decode import decode_side_for
 from clipret.data.transforms import eval_transform
-from clipret.inference import embed_images
-from clipret.train.ddp import sync_buffers
-from clipret.train.validate import leave_one_out
+from clipret.embedding.batches import embed_images
+from clipret.parallel import groups
+from clipret.parallel.shards import split_contiguous
+from clipret.training.ddp import sync_buffers
+from clipret.training.validate import leave_one_out
 
-__all__ = ["contiguous_block", "nonfinite_warning", "validate_epoch", "validate_start"]
-
-
-def contiguous_block(n_items: int, world_size: int, rank: int) -> range:
-    """The block of ``range(n_items)`` rank ``rank`` takes: contiguous, in rank order, every item
-    once, lengths differing by at most one (the first ``n_items % world_size`` ranks take one more)."""
-    base, extra = divmod(n_items, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+__all__ = ["nonfinite_warning", "validate_epoch", "validate_start"]
 
 
 def validate_epoch(state: Any) -> dict[str, float] | None:
@@ -39,19 +33,19 @@ def validate_epoch(state: Any) -> dict[str, float] | None:
     if not len(data.val_idx):
         return None
     val_ids = [data.ids[i] for i in data.val_idx]
-    block = contiguous_block(len(val_ids), runtime.world_size(), runtime.rank())
+    block = split_contiguous(len(val_ids), runtime.world_size(), runtime.rank())
     sync_buffers(state.model)
     vecs, kept, _ = embed_images(state.model, data.folder, val_ids[block.start:block.stop],
                                  eval_transform(state.spec.preprocess), batch_size=state.p * cfg.k,
                                  workers=state.workers, device=state.device, amp=state.amp,
                                  decode_side=decode_side_for(state.spec.preprocess["size"], cfg.exact_decode))
-    parts = distributed.all_gather_object((vecs, kept))
+    parts = groups.all_gather_object((vecs, kept))
     scores = None
     if runtime.is_main():
         by_id = dict(zip(data.ids, data.class_of))
         all_kept = [i for _, ids in parts for i in ids]
         scores = leave_one_out(np.concatenate([v for v, _ in parts]), [by_id[i] for i in all_kept])
-    return distributed.broadcast_object(scores)
+    return groups.broadcast_object(scores)
 
 
 def validate_start(state: Any) -> dict[str, Any] | None:

@@ -32,15 +32,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipret.retrieval.rerank_batch import Items, RerankBatch
-from clipret.retrieval.rerank_encode import Csr, encode, expand
-from clipret.retrieval.rerank_graph import (
+from clipret.retrieval.rerank.batch import Items, RerankBatch
+from clipret.retrieval.rerank.encode import Csr, encode, expand
+from clipret.retrieval.rerank.graph import (
     GalleryGraph,
     build_gallery_graph,
     graph_neighbors,
     merge_queries,
 )
-from clipret.retrieval.rerank_knn import batch_knn, stable_order
+from clipret.retrieval.rerank.knn import batch_knn, stable_order
 from clipret.retrieval.search import Searcher
 
 __all__ = [

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from clipret import distributed, runtime
+from clipret import runtime
 from clipret.config import LOSSES
 from clipret.errors import ClipretError
+from clipret.parallel import groups
 
 
 class Objective:
@@ -49,7 +50,7 @@ class Objective:
             self.loss = losses.ArcFaceLoss(num_classes=num_classes, embedding_size=embed_dim)
         self.miner = miners.MultiSimilarityMiner(epsilon=miner_epsilon)
         self.mine_from_epoch = mine_from_epoch
-        self.world_size = runtime.world_size() if distributed.active() else 1
+        self.world_size = runtime.world_size() if groups.active() else 1
         # what the loss returned for backward is, times the loss of the step's whole batch
         self.scale = self.world_size if loss != "arcface" else 1
 

@@ -3,10 +3,10 @@
 :func:`prepare` checks the settings (cheaply, before any image is read or
 any weight downloaded), lists and checks the training images, splits them,
 builds the model, sampler, optimiser and schedule, and restores a checkpoint
-when resuming. The loop (:mod:`clipret.train.loop`) only steps it.
+when resuming. The loop (:mod:`clipret.training.loop`) only steps it.
 :func:`replace_run` clears the folder of an old run for ``--overwrite``.
 
-Under torchrun (an active process group, see :mod:`clipret.distributed`) every rank prepares
+Under torchrun (an active process group, see :mod:`clipret.parallel.groups`) every rank prepares
 the same run: rank 0 checks the images and hands the verdicts to the others, every rank
 builds the model (DDP then copies rank 0's weights), and the sampler gives each rank its own
 batches of the shared epoch plan.
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipret import artifacts, distributed, runtime
+from clipret import artifacts, runtime
+from clipret.artifacts.atomic import write_error
+from clipret.artifacts.model import PENDING_NAME
 from clipret.config import TrainConfig
 from clipret.data.dataset import ImageFolderDataset
 from clipret.data.decode import decode_side_for
@@ -34,18 +36,17 @@ from clipret.data.sampler import PKBatchSampler, resolve_p
 from clipret.data.transforms import AugmentConfig, resolve_augmentation, train_transform
 from clipret.data.validate import all_gray, check_images
 from clipret.errors import ClipretError
-from clipret.artifacts.atomic import write_error
-from clipret.artifacts.model import PENDING_NAME
 from clipret.model.build import ModelSpec, build_encoder, create_encoder, make_spec
-from clipret.train import ddp
-from clipret.train.fast import CompiledForward, apply_memory_paths, uses_channels_last
-from clipret.train.llrd import param_groups
-from clipret.train.losses import Objective
-from clipret.train.resume import continue_at
-from clipret.train.schedule import make_scheduler, move_to_step, warmup_steps_for
-from clipret.train.split import stratified_split
-from clipret.train.state import CHECKPOINT_NAME, restore_rng, restore_scaler
-from clipret.train.trace import StepTrace
+from clipret.parallel import groups
+from clipret.training import ddp
+from clipret.training.fast import CompiledForward, apply_memory_paths, uses_channels_last
+from clipret.training.llrd import param_groups
+from clipret.training.losses import Objective
+from clipret.training.resume import continue_at
+from clipret.training.schedule import make_scheduler, move_to_step, warmup_steps_for
+from clipret.training.split import stratified_split
+from clipret.training.state import CHECKPOINT_NAME, restore_rng, restore_scaler
+from clipret.training.trace import StepTrace
 
 Event = Callable[[str, dict[str, Any]], None]
 EXCLUDED_NAME = "excluded.json"  # training images left out by the validation pass, with reasons
@@ -104,7 +105,7 @@ class TrainState:
     last_lrs: tuple[float, float] | None = None  # (base LR, head LR) of the last step taken
     nonfinite_steps: int = 0  # steps in a row whose gradient was not finite (their update was skipped)
     epoch_skipped: int = 0  # such steps in this epoch (since this session's start of it)
-    stop: runtime.StopRequest = field(default_factory=runtime.StopRequest)  # SIGINT/SIGTERM caught (clipret.train.stop)
+    stop: runtime.StopRequest = field(default_factory=runtime.StopRequest)  # SIGINT/SIGTERM caught (clipret.training.stop)
 
 
 def probe_spec(cfg: TrainConfig) -> ModelSpec:
@@ -129,8 +130,8 @@ def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainDa
         threads = max(1, runtime.resolve_workers(workers, len(ids)))
         return check_images(folder, ids, workers=threads, on_progress=lambda n: on_event("checked", {"n": n}))
 
-    with distributed.work_group() as group:
-        bad = distributed.from_main(check, group)
+    with groups.work_group() as group:
+        bad = groups.from_main(check, group)
     if bad:
         kept = [(i, c) for i, c in zip(ids, class_of) if i not in bad]
         ids, class_of = [i for i, _ in kept], [c for _, c in kept]
@@ -191,11 +192,11 @@ def prepare(cfg: TrainConfig, ckpt: dict[str, Any] | None, on_event: Event) -> T
                                  decode_side=decode_side_for(spec.preprocess["size"], cfg.exact_decode))
     objective = Objective(cfg.circle_m, cfg.circle_gamma, cfg.miner_epsilon, cfg.mine_from_epoch, loss=cfg.loss,
                           num_classes=len(data.classes), embed_dim=spec.embed_dim).to(device)
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.resolved_llrd(spec.pretrained), cfg.head_lr_mult)
+    param_sets = param_groups(model, cfg.lr, cfg.weight_decay, cfg.resolved_llrd(spec.pretrained), cfg.head_lr_mult)
     if objective.parameters():  # ArcFace's class proxies learn at the head's LR, without weight decay
-        groups.append({"name": "loss.no_decay", "params": objective.parameters(), "lr": cfg.lr * cfg.head_lr_mult,
+        param_sets.append({"name": "loss.no_decay", "params": objective.parameters(), "lr": cfg.lr * cfg.head_lr_mult,
                        "lr_scale": cfg.head_lr_mult, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_sets, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = sampler.epoch_length(0) * cfg.epochs
     if total_steps == 0:
         raise ClipretError(f"no full P×K batch per process fits the training set (P={p}, K={cfg.k}, "
@@ -216,7 +217,7 @@ def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
 
     A checkpoint of the same world size continues exactly where it stopped, each rank with
     its own RNG state. One written by another number of ranks continues at the same point of
-    the epoch plan and of the LR schedule (:func:`clipret.train.resume.continue_at`).
+    the epoch plan and of the LR schedule (:func:`clipret.training.resume.continue_at`).
     """
     state.model.load_state_dict(ckpt["model"])
     if ckpt.get("objective"):
@@ -251,7 +252,7 @@ def replace_run(cfg: TrainConfig) -> None:
     ``clipret train`` did not write is refused (one line), and so is the working directory or
     a folder above it. Under torchrun rank 0 calls this before any rank writes.
     """
-    from clipret.train.loop import METRICS_NAME  # the loop imports this module
+    from clipret.training.loop import METRICS_NAME  # the loop imports this module
 
     cfg.validate()
     probe_spec(cfg)  # settings the backbone cannot take fail before anything is deleted

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipret import distributed, runtime
-from clipret.train.setup import TrainState
+from clipret import runtime
+from clipret.parallel import groups
+from clipret.training.setup import TrainState
 
 __all__ = ["TrainingStopped", "asked", "stopped"]
 
@@ -31,11 +32,11 @@ class TrainingStopped(runtime.Interrupted):
 def asked(state: TrainState) -> bool:
     """Whether a stop signal reached this rank or, under torchrun, any rank. A collective there:
     every rank calls it after the same step."""
-    return not distributed.all_true(state.stop.signum is None, state.device)
+    return not groups.all_true(state.stop.signum is None, state.device)
 
 
 def stopped(state: TrainState) -> TrainingStopped:
     """The exception to raise once :func:`asked` said yes (every rank calls it): it carries the
     signal rank 0 got, or else the first rank's that got one."""
-    signum = next(s for s in distributed.all_gather_object(state.stop.signum) if s is not None)
+    signum = next(s for s in groups.all_gather_object(state.stop.signum) if s is not None)
     return TrainingStopped(signum, state.out, state.step, state.total_steps)

@@ -63,8 +63,11 @@ class GallerySource:
     parts: list[Embeddings]
 
     @classmethod
-    def open(cls, paths: Sequence[str | os.PathLike[str]]) -> GallerySource:
-        return cls([load_embeddings(f, mmap=True) for f in expand_inputs(paths)])
+    def open(cls, paths: Sequence[str | os.PathLike[str] | Embeddings]) -> GallerySource:
+        """Embeddings files or folders of them (in order), or :class:`Embeddings` already in memory."""
+        if paths and all(isinstance(p, Embeddings) for p in paths):
+            return cls(list(paths))  # type: ignore[arg-type]
+        return cls([load_embeddings(f, mmap=True) for f in expand_inputs(paths)])  # type: ignore[arg-type]
 
     @property
     def dim(self) -> int:

@@ -23,14 +23,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from clipret import runtime
 from clipret.errors import ClipretError, first_line
 
 __all__ = ["PeerError", "process_group", "active", "barrier", "all_true", "all_gather_object", "broadcast_object",
-           "backend_for", "fail_together", "from_main", "gather", "rank_and_world", "work_group"]
+           "backend_for", "exit_rank", "fail_together", "from_main", "gather", "lost_peer", "rank_and_world", "work_group"]
 
 DEFAULT_TIMEOUT_S = 600  # a collective waits this long for a missing rank before failing
 WAIT_TIMEOUT_S = 24 * 3600  # work_group: a rank may wait this long for another's work
@@ -215,3 +216,23 @@ def fail_together(message: str, group: Any) -> None:
     if rank_and_world(group)[0] == 0:
         raise ClipretError(message)
     raise PeerError(message)
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """True when a collective failed because another rank went away (gloo or NCCL messages, or
+    torch's ``DistError``)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "closed by peer" in text or "Connection reset" in text
+
+
+def exit_rank(code: int) -> NoReturn:
+    """Leave this rank at once, after its group lost a peer: flush stdout and stderr, then
+    ``os._exit(code)``. A normal interpreter exit runs gloo's C++ destructors, which can abort
+    ("terminate called without an active exception", signal 6) on a connection the peer broke.
+    Only for that path: every file this rank writes is already closed or renamed by then."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipret.retrieval.rerank_knn import stable_order
+from clipret.retrieval.rerank.knn import stable_order
 
 PairScores = Callable[[np.ndarray, np.ndarray], np.ndarray]
 _BLOCK = 1 << 21  # gathered entries per block
