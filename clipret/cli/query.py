@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,7 +21,7 @@ from clipret.cli._options import (
     warn_ignored_pretrained,
     warn_random_weights,
 )
-from clipret.cli._search import report_self_matches, search
+from clipret.cli._search import report_self_matches
 from clipret.cli.embed import EmbedBatchSize, progress_start, rank_progress
 from clipret.errors import ClipretError
 
@@ -67,16 +67,17 @@ def query_command(
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --tta flip --rerank --qe 3
       clipret query q.npy --gallery gallery.faiss --nprobe 32 --k 100
     """
+    import dataclasses
+
     from clipret import artifacts, runtime
-    from clipret.retrieval import selfmatch
-    from clipret.retrieval.compat import check_compatible, describe
+    from clipret.api import retrieve
     from clipret.retrieval.gallery import open_gallery
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
     if not query.exists():
         raise ClipretError(f"query path not found: {query}")
-    stages = options.stages()
+    options.stages()  # a bad value fails before any image is read
     if not runtime.is_main() and not query.is_dir():
         return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks
     gal = open_gallery(gallery, nprobe=options.nprobe, ef_search=options.ef_search) if runtime.is_main() else None
@@ -106,18 +107,14 @@ def query_command(
             if value is not None:
                 _console.warn(f"{name} is ignored: the queries in {query} are embeddings already")
         q = artifacts.load_embeddings(query)
-    for w in check_compatible(q, gal, allow_mismatch=allow_mismatch):
-        _console.warn(w)
-    found = selfmatch.self_matches(q, gal)
-    exclude = None if options.keep_self else found
-    scores, idx = search(q.vectors, gal, k, stages, exclude=exclude)
-    samples = [[gal.ids[j] for j in row if j >= 0] for row in idx]
-    meta = {"k": k, "score": "1 - k-reciprocal final distance" if options.rerank else "cosine similarity",
-            "query": describe(q, query, relative_to=out), "gallery": describe(gal, gallery, relative_to=out),
-            "stages": stages.to_dict(),
-            "self_matches": self_match_note(found, options.keep_self)}
-    artifacts.save_results(out, q.ids, samples, [row[: len(s)] for row, s in zip(scores, samples)], meta=meta)
-    report_self_matches(found, options.keep_self)
+    notes: list[str] = []
+    with _console.stage_progress() as on_progress:
+        res = retrieve(q, gal, k, **dataclasses.asdict(options), allow_mismatch=allow_mismatch, progress=on_progress,
+                       warnings=notes)
+    for note in notes:
+        _console.warn(note)
+    res.to_json(out)
+    report_self_matches(res.self_rows, options.keep_self)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
 
 
@@ -146,11 +143,3 @@ def _gallery_defaults(gallery: Path, model: str | None, pretrained: str | None,
     if said and runtime.is_main():
         _console.info(f"using the gallery's {' '.join(said)} (as recorded in {gallery}'s manifest)")
     return model, pretrained, tta
-
-
-def self_match_note(found: Any, keep_self: bool) -> dict[str, Any]:
-    """What a results sidecar records of the self-match rule: how many were left out (or kept)."""
-    from clipret.retrieval import selfmatch
-
-    n = selfmatch.count(found)
-    return {"rule": selfmatch.RULE, "excluded": 0 if keep_self else n, "kept": n if keep_self else 0}
