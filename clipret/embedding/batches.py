@@ -119,19 +119,24 @@ def embed_shards(
         skipped.extend({"id": ids[index], "reason": reason} for index, reason in batch["errors"])
         n_good = len(batch["indices"])
         if n_good:
-            images = batch["images"].to(device, non_blocking=True)
-            views = images.shape[1] if images.ndim == 5 else 0
-            with torch.inference_mode():
-                with autocast(device, amp):
-                    out = encoder(images.flatten(0, 1) if views else images)
-                out = average_views(out.reshape(-1, views, out.shape[-1])) if views else out
-                rows.append(torch.nn.functional.normalize(out.float(), dim=-1))
+            rows.append(encode_batch(encoder, batch["images"].to(device, non_blocking=True), device, amp))
             kept.extend(batch["indices"].tolist())
         if on_batch is not None:
             on_batch(n_good + len(batch["errors"]))
     while current < len(bounds):
         yield _finish(rows, kept, skipped, ids, dim)
         current, rows, kept, skipped = current + 1, [], [], []
+
+
+def encode_batch(encoder: nn.Module, images: torch.Tensor, device: Any, amp: Any) -> torch.Tensor:
+    """(B, 3, H, W) images, or (B, V, 3, H, W) test-time views -> (B, D) float32 L2-normalised rows
+    (the V views' embeddings averaged), under ``torch.inference_mode`` and ``amp``'s autocast."""
+    views = images.shape[1] if images.ndim == 5 else 0
+    with torch.inference_mode():
+        with autocast(device, amp):
+            out = encoder(images.flatten(0, 1) if views else images)
+        out = average_views(out.reshape(-1, views, out.shape[-1])) if views else out
+        return torch.nn.functional.normalize(out.float(), dim=-1)
 
 
 def _finish(rows: list[torch.Tensor], kept: list[int], skipped: list[dict[str, str]], ids: Sequence[str],

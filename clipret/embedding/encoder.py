@@ -56,7 +56,8 @@ class Encoder:
         import torch
 
         from clipret import runtime
-        from clipret.embedding.tta import average_views, parse_tta, tta_transform
+        from clipret.embedding.batches import encode_batch
+        from clipret.embedding.tta import parse_tta, tta_transform
 
         mode = parse_tta(tta)
         transform = tta_transform(self.spec.preprocess, mode)
@@ -67,11 +68,7 @@ class Encoder:
         for start in range(0, len(images), max(1, batch_size)):
             chunk = [_as_rgb(x, start + i) for i, x in enumerate(images[start : start + batch_size])]
             batch = torch.stack([transform(img) for _, img in chunk]).to(device)
-            views = batch.shape[1] if batch.ndim == 5 else 0
-            with torch.inference_mode(), runtime.autocast(device, amp):
-                out = module(batch.flatten(0, 1) if views else batch)
-                out = average_views(out.reshape(-1, views, out.shape[-1])) if views else out
-                rows.append(torch.nn.functional.normalize(out.float(), dim=-1).cpu().numpy())
+            rows.append(encode_batch(module, batch, device, amp).cpu().numpy())
             ids += [name for name, _ in chunk]
         vectors = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
         return Embeddings(vectors.astype(np.float32, copy=False), ids, fingerprint=self.fingerprint,
