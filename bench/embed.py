@@ -24,6 +24,11 @@ split (imports, model build, decode, preprocess, forward): where the time goes.
     flock /tmp/clipret-bench.lock python bench/embed.py --model-preset tiny --device cpu
     flock /tmp/clipret-bench.lock python bench/embed.py --model-preset vit-b-32 --n 200 --device cpu
     python bench/embed.py --model ViT-L-14 --n 400 --device cuda --json embed-l14.json
+
+``--steady`` measures steady-state rates instead (decode only, forward only, the whole embed; at
+least 20,000 images per set by default): see bench/embed_steady.py.
+
+    python bench/embed.py --steady --model ViT-L-14 --device cuda --json steady-l14.json
 """
 
 from __future__ import annotations
@@ -181,20 +186,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--model", help="any open_clip model name or config JSON (overrides --model-preset)")
-    ap.add_argument("--n", type=int, default=1000, help="number of JPEGs")
+    ap.add_argument("--steady", action="store_true", help="steady-state rates: decode, forward, whole (bench/embed_steady.py)")
+    ap.add_argument("--n", type=int, help="number of JPEGs (default 1,000; with --steady 20,000 per set)")
     ap.add_argument("--width", type=int, default=2000)
     ap.add_argument("--height", type=int, default=1500)
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, help="default 64; with --steady clipret's own (256 on CUDA, 64 on CPU)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (both sides)")
     ap.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, none on CPU), bf16 or none (both sides)")
     ap.add_argument("--workers", type=int, help="clipret --workers (default: clipret's automatic choice)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved runs of each side; the median is reported")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/clipret-bench/embed"))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    import embed_steady
+
+    embed_steady.add_arguments(ap)
     args = ap.parse_args()
     model = args.model or PRESETS[args.model_preset]
+    if args.steady:
+        args.n = args.n or 20_000
+        result = embed_steady.run(args, model)
+        embed_steady.print_table(result)
+        if args.json:
+            from clipret.artifacts import write_json
+
+            write_json(args.json, result)
+        return
+    args.n, args.batch_size = args.n or 1000, args.batch_size or 64
 
     from clipret import runtime  # light: no torch
 

@@ -13,8 +13,15 @@ It prints the wall-time ratio (b)/(a) and each process's peak RSS (from
 full row, ``full_ranking``) against the new one on a small query subset, and
 the peak RSS of only reading the labels CSV and the gallery manifest.
 
+``--device cuda`` runs clipret evaluate with ``CLIPRET_SEARCH_DEVICE=cuda`` (score blocks as
+torch matmuls on the GPU), and the floor becomes (t) a bare torch matmul of the same arrays on the
+same GPU (the gallery copied there once, the same query chunks, full float32, one scalar read back
+per chunk); ``--torch-floor`` adds (t) on the CPU device too. The default, ``--device cpu``, is
+the CPU comparison as before (clipret evaluate pinned to the CPU path).
+
     flock /tmp/clipret-bench.lock python bench/evaluate.py            # 20k x 1M x 256
     flock /tmp/clipret-bench.lock python bench/evaluate.py --quick    # 2k x 100k x 256
+    python bench/evaluate.py --device cuda --old-subset 0             # on a GPU machine: 20k x 1M x 256
 """
 
 from __future__ import annotations
@@ -39,6 +46,24 @@ for q0 in range(0, q.shape[0], rows):
     s = np.matmul(block, g.T, out=out[: len(block)])
     total += float(s[:, 0].sum())
 print(total)
+"""
+
+TORCH_FLOOR = r"""
+import json, sys, time, numpy as np, torch
+t0 = time.perf_counter()
+q = np.load(sys.argv[1], mmap_mode="r"); g = np.load(sys.argv[2], mmap_mode="r"); rows = int(sys.argv[3]); dev = sys.argv[4]
+torch.set_float32_matmul_precision("highest")
+sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+gd = torch.empty(g.shape, dtype=torch.float32, device=dev)
+for g0 in range(0, g.shape[0], 65536):
+    gd[g0:g0 + 65536] = torch.from_numpy(np.ascontiguousarray(g[g0:g0 + 65536])).to(dev)
+sync(); t1 = time.perf_counter(); total = 0.0
+with torch.inference_mode():
+    for q0 in range(0, q.shape[0], rows):
+        s = torch.from_numpy(np.ascontiguousarray(q[q0:q0 + rows])).to(dev) @ gd.T
+        total += float(s[:, 0].sum())
+sync()
+print(json.dumps({"total": total, "upload_s": t1 - t0, "matmul_s": time.perf_counter() - t1}))
 """
 
 PARSE = r"""
@@ -98,12 +123,14 @@ with open(sys.argv[1], "w") as fh:
 """
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return (wall seconds, peak RSS in MiB of that process alone, stdout)."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``cmd`` (with ``env`` added to the environment); return (wall seconds, peak RSS in MiB of
+    that process alone, stdout)."""
     with tempfile.TemporaryDirectory() as tmp:
         report, err_path = Path(tmp) / "report", Path(tmp) / "stderr"
         with open(err_path, "wb") as err:  # a file, not a pipe: a chatty stderr cannot block the child
-            done = subprocess.run([sys.executable, "-c", LAUNCH, str(report), *cmd], stdout=subprocess.PIPE, stderr=err)
+            done = subprocess.run([sys.executable, "-c", LAUNCH, str(report), *cmd], stdout=subprocess.PIPE, stderr=err,
+                                  env={**os.environ, **(env or {})})
         wall, rss_kib, code = report.read_text().split()
         if int(code) != 0 or done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}):\n{err_path.read_text()[-3000:]}")
@@ -144,6 +171,9 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=2.0, help="per-item noise norm (relative to the unit class centre)")
     ap.add_argument("--old-subset", type=int, default=32, help="queries for the old-vs-new comparison (0: skip)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/clipret-bench/evaluate"))
+    ap.add_argument("--device", default="cpu", help="cpu (numpy floor, CPU path) or cuda (torch floor, GPU path)")
+    ap.add_argument("--torch-floor", action="store_true", help="also (t), the bare torch matmul, on --device cpu")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     n_q = args.queries or (2_000 if args.quick else 20_000)
     n_g = args.gallery or (100_000 if args.quick else 1_000_000)
@@ -164,18 +194,36 @@ def main() -> None:
         with open(path, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    floor_s, floor_rss, _ = run_measured([sys.executable, "-c", FLOOR, str(q), str(g), str(rows)])
+    gpu = args.device.startswith("cuda")
+    report: dict = {"queries": n_q, "gallery": n_g, "dim": args.dim, "classes": classes, "rows": rows, "device": args.device}
+    if not gpu:
+        floor_s, floor_rss, _ = run_measured([sys.executable, "-c", FLOOR, str(q), str(g), str(rows)])
+        report.update(floor_s=floor_s, floor_rss_mib=floor_rss)
+        print(f"(a) floor, bare chunked matmul ({rows} queries a chunk): {floor_s:7.1f} s, peak RSS {floor_rss:7.0f} MiB")
+    if gpu or args.torch_floor:
+        torch_s, torch_rss, out = run_measured([sys.executable, "-c", TORCH_FLOOR, str(q), str(g), str(rows), args.device])
+        inner = json.loads(out)
+        report.update(torch_floor_s=torch_s, torch_floor_rss_mib=torch_rss, torch_floor=inner)
+        print(f"(t) floor, bare torch matmul on {args.device} ({rows} queries a chunk): {torch_s:7.1f} s whole process "
+              f"(gallery upload {inner['upload_s']:.2f} s, matmuls {inner['matmul_s']:.2f} s), peak RSS {torch_rss:7.0f} MiB")
     ours_s, ours_rss, out = run_measured([sys.executable, "-m", "clipret", "evaluate", "--query", str(q),
-                                          "--gallery", str(g), "--labels", str(labels), "--json"])
+                                          "--gallery", str(g), "--labels", str(labels), "--json"],
+                                         env={"CLIPRET_SEARCH_DEVICE": "cuda" if gpu else "cpu"})
     result = json.loads(out)
-    print(f"(a) floor, bare chunked matmul ({rows} queries a chunk): {floor_s:7.1f} s, peak RSS {floor_rss:7.0f} MiB")
-    print(f"(b) clipret evaluate (whole process):             {ours_s:7.1f} s, peak RSS {ours_rss:7.0f} MiB")
-    print(f"ratio (b)/(a): {ours_s / floor_s:.2f}   "
+    report.update(clipret_s=ours_s, clipret_rss_mib=ours_rss, metrics={k: result[k] for k in ("map", "map@r", "recall@1")})
+    print(f"(b) clipret evaluate on {args.device} (whole process):      {ours_s:7.1f} s, peak RSS {ours_rss:7.0f} MiB")
+    ratios = [(name, ours_s / report[key]) for name, key in (("a", "floor_s"), ("t", "torch_floor_s")) if key in report]
+    print("   ".join(f"ratio (b)/({name}): {value:.2f}" for name, value in ratios) + "   "
           f"map {result['map']:.4f}  map@r {result['map@r']:.4f}  recall@1 {result['recall@1']:.4f}")
+    report["ratios"] = dict(ratios)
     _, parse_rss, _ = run_measured([sys.executable, "-c", PARSE, str(labels), str(q), str(g)])
     print(f"reading labels.csv + both manifests + label codes alone: peak RSS {parse_rss:.0f} MiB")
     if args.old_subset:
         old_vs_new(root, args.old_subset)
+    if args.json:
+        from clipret.artifacts import write_json
+
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

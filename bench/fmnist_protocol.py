@@ -281,7 +281,8 @@ def evaluate(q_npy: str | os.PathLike[str], g_npy: str | os.PathLike[str], label
     from clipret import artifacts
     from clipret.data.layout import read_labels_csv
     from clipret.evaluation import chunk_rows, evaluate_embeddings
-    from clipret.retrieval.gallery import open_gallery, prepare_search
+    from clipret.retrieval.gallery import open_gallery
+    from clipret.retrieval.prepare import prepare_search
     from clipret.retrieval.pipeline import Stages, score_function
 
     stages = stages or Stages()

@@ -24,10 +24,18 @@ RSS on CPU (each variant then runs in its own process, so peaks do not mix).
 Variants are ``+``-joined flags: ``fp32`` (plain: torch's defaults, so on
 CUDA TF32 convolutions but fp32 matmuls), ``tf32`` (TF32 matmuls), ``bf16``
 (bf16 autocast), ``ckpt`` (open_clip's ``set_grad_checkpointing`` on the
-image tower inside clipret's model). For ``ckpt`` the script counts the
+image tower inside clipret's model), ``compile`` (``torch.compile`` of the
+model; its compile time goes into the warm-up). For ``ckpt`` the script counts the
 blocks that really went through ``torch.utils.checkpoint`` in one forward of
 clipret's model, so a wrapper that bypasses the tower's transformer shows up
 as ``0/L``.
+
+Model FLOP utilisation (MFU): the FLOPs of one full training step (forward,
+loss, backward), counted with ``torch.utils.flop_counter.FlopCounterMode`` on
+the eager model without checkpointing (model FLOPs: a checkpointed forward's
+recomputation is not counted), divided by the step time and by the card's dense
+peak for the variant's precision (:data:`PEAK_TFLOPS`, or ``--peak-tflops``).
+On the CPU it prints the FLOPs and the achieved FLOP/s; MFU is n/a.
 
     flock /tmp/clipret-bench.lock python bench/train.py --model-preset tiny vit-b-32 --device cpu --p 8 --k 4 --steps 3
     python bench/train.py --model ViT-L-14 --device cuda --p 32 --k 4 --variants fp32,bf16,bf16+ckpt --json l14.json
@@ -48,11 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mfu import PEAK_TFLOPS, card_of, count_flops, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": str(ROOT / "clipret" / "configs" / "tiny-vit.json"), "vit-b-32": "ViT-B-32"}
-FLAGS = {"fp32", "tf32", "bf16", "ckpt"}
-
+FLAGS = {"fp32", "tf32", "bf16", "ckpt", "compile"}
 
 def parse_variant(name: str) -> set[str]:
     flags = set(name.split("+"))
@@ -134,32 +142,42 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace) -> dict
         images = torch.randn(batch, 3, h, w, generator=gen).to(device)
         labels = torch.arange(args.p, device=device).repeat_interleave(args.k)
         row.update(image_size=[h, w], params_m=sum(p.numel() for p in net.parameters()) / 1e6)
-        if "ckpt" in flags:
-            visual, where = find_visual(net)
-            visual.set_grad_checkpointing(True)
-            blocks = len(getattr(getattr(visual, "transformer", None), "resblocks", []))
-            row["ckpt"] = {"tower": type(visual).__name__, "at": where, "blocks": blocks,
-                           "checkpointed": checkpointed_blocks(net, images)}
         groups = param_groups(net, 4e-4, 0.05, 0.65, 10.0)
         opt = torch.optim.AdamW(groups, lr=4e-4, weight_decay=0.05, fused=cuda)
         objective = Objective(mine_from_epoch=1)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in flags else nullcontext
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        model = net  # what the steps call: the model, or its torch.compile wrapper
 
         def full_step() -> None:
             with autocast():
-                emb = net(images)
+                emb = model(images)
             loss, _ = objective(emb, labels, 10**6)  # a late epoch: the miner is on
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
 
+        row["flops"] = count_flops(full_step)  # eager, no checkpointing: the model's own FLOPs
+        if "ckpt" in flags:
+            visual, where = find_visual(net)
+            visual.set_grad_checkpointing(True)
+            blocks = len(getattr(getattr(visual, "transformer", None), "resblocks", []))
+            row["ckpt"] = {"tower": type(visual).__name__, "at": where, "blocks": blocks,
+                           "checkpointed": checkpointed_blocks(net, images)}
+        if "compile" in flags:
+            model = torch.compile(net)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t_warm = time.perf_counter()
         for _ in range(args.warmup_steps):
             full_step()
+        sync()
+        row["warmup_s"] = time.perf_counter() - t_warm
         step = _timed(full_step, args.steps, sync)
+        row["tflops_s"] = row["flops"] / step / 1e12
+        peak = peak_tflops(_gpu_name() if cuda else None, flags, args.peak_tflops) if cuda or args.peak_tflops else None
+        row.update(peak_tflops=peak, mfu=row["tflops_s"] / peak if peak else None)
         row["peak_mib"] = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss() - base) / 2**20
 
         weights = torch.randn(batch, net.embed_dim, generator=gen).to(device)
@@ -168,7 +186,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace) -> dict
             sync()
             t0 = time.perf_counter()
             with autocast():
-                emb = net(images)
+                emb = model(images)
             sync()
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -238,7 +256,8 @@ def _print(rows: list[dict[str, Any]], sampler: dict[str, float], device: str, h
           f"({sampler['batches_per_epoch']:.0f} batches per epoch, epoch planning included)")
     mem = "peak GiB (cuda alloc)" if device.startswith("cuda") else "peak GiB (RSS-imports)"
     head = f"  {'model':14s} {'variant':11s} {'img/s':>8s} {'x first':>7s} {mem:>21s} {'x first':>7s} {'step ms':>8s} " \
-           f"{'bare ms':>8s} {'fwd/bwd/opt %':>13s} {'full/bare':>9s} {'loss/bare':>9s} {'miner/bare':>10s} {'sampler/bare':>12s}  ckpt"
+           f"{'bare ms':>8s} {'fwd/bwd/opt %':>13s} {'full/bare':>9s} {'loss/bare':>9s} {'miner/bare':>10s} {'sampler/bare':>12s} " \
+           f"{'GFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  ckpt"
     print(head)
     for model in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == model]
@@ -254,9 +273,15 @@ def _print(rows: list[dict[str, Any]], sampler: dict[str, float], device: str, h
             print(f"  {name:14s} {r['variant']:11s} {r['img_s']:8.1f} {r['img_s'] / first['img_s']:7.2f} "
                   f"{r['peak_mib'] / 1024:21.2f} {_ratio(r['peak_mib'], first['peak_mib']):>7s} {1e3 * r['step_s']:8.1f} "
                   f"{1e3 * r['bare_s']:8.1f} {split:>13s} {r['step_s'] / r['bare_s']:9.3g} {r['loss_s'] / r['bare_s']:9.3g} "
-                  f"{r['miner_s'] / r['bare_s']:10.3g} {sampler['per_batch_s'] / r['bare_s']:12.3g}  {ck_txt}")
+                  f"{r['miner_s'] / r['bare_s']:10.3g} {sampler['per_batch_s'] / r['bare_s']:12.3g} "
+                  f"{r['flops'] / 1e9:10.4g} {r['tflops_s']:8.3g} {_mfu(r):>6s}  {ck_txt}")
             if ck and ck["checkpointed"] < max(ck["blocks"], 1):
                 print(f"    WARNING: grad checkpointing reached {ck['checkpointed']} of {ck['blocks']} blocks through clipret's model")
+
+
+def _mfu(row: dict[str, Any]) -> str:
+    """The row's MFU as a percentage, or "n/a" (CPU, or a card without a known peak: pass --peak-tflops)."""
+    return f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -278,6 +303,7 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=60000, help="labels the sampler is timed on")
     ap.add_argument("--n-classes", type=int, default=11318)
     ap.add_argument("--in-process", action="store_true", help="on CPU too (peak RSS then accumulates across variants)")
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense peak TFLOP/s for MFU (default: the table, by GPU name)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -295,7 +321,8 @@ def main() -> None:
     models = args.model or [PRESETS[m] for m in args.model_preset]
     isolate = not cuda and not args.in_process
     argv = [f"--p={args.p}", f"--k={args.k}", f"--steps={args.steps}", f"--warmup-steps={args.warmup_steps}",
-            f"--device={args.device}"] + ([f"--image-size={args.image_size}"] if args.image_size else [])
+            f"--device={args.device}"] + ([f"--image-size={args.image_size}"] if args.image_size else []) \
+        + ([f"--peak-tflops={args.peak_tflops}"] if args.peak_tflops else [])
     sampler = sampler_cost(args.n_images, args.n_classes, args.p, args.k)
     rows = []
     for model in models:
@@ -306,12 +333,17 @@ def main() -> None:
     gpu = _gpu_name() if cuda else None
     header = (f"train step: P×K = {args.p}×{args.k}, device {args.device}{' (' + gpu + ')' if gpu else ''}, "
               f"{runtime.available_cpus()} CPUs, median of {args.steps} after {args.warmup_steps} warm-up steps"
-              + ("" if isolate or cuda else "; peak RSS accumulates across variants (--in-process)"))
+              + ("" if isolate or cuda else "; peak RSS accumulates across variants (--in-process)")
+              + (f"\n  MFU against the dense peak TFLOP/s of {card_of(gpu) or 'an unknown card'}: "
+                 + (f"{args.peak_tflops} (--peak-tflops)" if args.peak_tflops else
+                    ", ".join(f"{k} {v}" for k, v in PEAK_TFLOPS[card_of(gpu)].items()) if card_of(gpu) else "n/a (pass --peak-tflops)")
+                 if cuda else "\n  MFU n/a on the CPU (FLOPs per step and achieved TFLOP/s are printed)"))
     _print(rows, sampler, args.device, header)
     if args.json:
         from clipret.artifacts import write_json
 
-        write_json(args.json, {"device": args.device, "gpu": gpu, "cpus": runtime.available_cpus(), "p": args.p, "k": args.k,
+        write_json(args.json, {"device": args.device, "gpu": gpu, "card": card_of(gpu), "peak_tflops": args.peak_tflops,
+                               "cpus": runtime.available_cpus(), "p": args.p, "k": args.k,
                                "steps": args.steps, "warmup_steps": args.warmup_steps, "sampler": sampler, "rows": rows})
 
 

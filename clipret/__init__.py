@@ -24,6 +24,7 @@ _LAZY = {
     "Gallery": "clipret.retrieval.gallery",
     "Results": "clipret.retrieval.results",
     "Stages": "clipret.retrieval.pipeline",
+    "TextEncoder": "clipret.embedding.text",
     "TrainConfig": "clipret.config",
     "retrieve": "clipret.api",
     "evaluate": "clipret.api",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads on 
     from clipret.artifacts.embeddings import Embeddings
     from clipret.config import TrainConfig
     from clipret.embedding.encoder import Encoder
+    from clipret.embedding.text import TextEncoder
     from clipret.retrieval.gallery import Gallery
     from clipret.retrieval.pipeline import Stages
     from clipret.retrieval.results import Results

@@ -87,7 +87,7 @@ def retrieve(
     """
     from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible, describe
-    from clipret.retrieval.gallery import prepare_search
+    from clipret.retrieval.prepare import prepare_search
     from clipret.retrieval.pipeline import Stages
     from clipret.retrieval.pipeline import retrieve as run_pipeline
 
@@ -138,6 +138,8 @@ def evaluate(
     k: Sequence[int] = (1, 5, 10),
     keep_self: bool = False,
     progress: Progress | None = None,
+    per_class: bool = False,
+    worst: int = 0,
     **stages: Any,
 ) -> dict[str, Any]:
     """Recall@K, precision@K, mAP@K, and (from a full ranking) mAP, MAP@R and R-precision.
@@ -147,19 +149,26 @@ def evaluate(
     query over a ``.npy`` gallery (in bounded memory) after the same ``stages`` as
     :func:`retrieve` (dba, qe, qe_alpha, rerank, k1, k2, lam), or an index's own top lists.
     A query's own item is left out of its ranking and its R unless ``keep_self``. Returns
-    the metrics plus ``self_matches_excluded``.
+    the metrics plus ``self_matches_excluded``. ``per_class`` adds ``per_class``: a list of
+    ``{"class", "n_queries", "recall@1", "map@r"}``, worst first; ``worst=N`` adds ``worst``: the
+    N queries with the lowest AP, ``{"id", "label", "ap", "first_hit_rank"}`` (AP over the full
+    ranking, or AP@k at the deepest k for top-k lists; see :mod:`clipret.evaluation.per_class`).
     """
     from clipret import evaluation
     from clipret.retrieval import selfmatch
 
     ks = [int(x) for x in k]
+    if worst < 0:
+        raise ClipretError(f"--worst must be 0 or more, got {worst}")
+    detail = per_class or worst > 0
     if isinstance(results, Results):
         if gallery is not None or stages:
             raise ClipretError("scoring Results takes no gallery or stages: they were applied when they were made")
         label_map = load_labels(labels, results.query_ids + results.gallery_ids)
         exclude = None if keep_self else results.self_rows
-        metrics = evaluation.evaluate_results(results.records(), label_map, results.gallery_ids, ks, exclude=exclude)
-        found = results.self_rows
+        metrics = evaluation.evaluate_results(results.records(), label_map, results.gallery_ids, ks, exclude=exclude,
+                                              return_per_query=detail)
+        found, query_ids = results.self_rows, results.query_ids
     else:
         if gallery is None:
             raise ClipretError("evaluate(query, gallery): the full ranking needs the gallery too")
@@ -168,17 +177,28 @@ def evaluate(
         q, gal = _embeddings(results, "query"), _gallery(gallery, stages.pop("nprobe", None), stages.pop("ef_search", None))
         check_compatible(q, gal, allow_mismatch=bool(stages.pop("allow_mismatch", False)))
         label_map = load_labels(labels, list(q.ids) + list(gal.ids))
-        found = selfmatch.self_matches(q, gal)
-        metrics = _full_ranking(q, gal, label_map, ks, None if keep_self else found, stages, progress)
+        found, query_ids = selfmatch.self_matches(q, gal), list(q.ids)
+        metrics = _full_ranking(q, gal, label_map, ks, None if keep_self else found, stages, progress, detail)
+    if detail:
+        metrics, per_query = metrics
     metrics["self_matches_excluded"] = 0 if keep_self else selfmatch.count(found)
+    if detail:
+        from clipret.data.layout import labels_for
+        from clipret.evaluation import per_class as details
+
+        names = labels_for(query_ids, label_map, "query")
+        if per_class:
+            metrics["per_class"] = details.per_class(names, per_query)
+        if worst > 0:
+            metrics["worst"] = details.worst_queries(query_ids, names, per_query, worst)
     return metrics
 
 
 def _full_ranking(q: Embeddings, gal: Any, label_map: dict[str, str], ks: list[int], exclude: Any, stage_args: dict[str, Any],
-                  progress: Progress | None) -> dict[str, Any]:
+                  progress: Progress | None, detail: bool = False) -> Any:
     """The exact full ranking of a ``.npy`` gallery, or an index's own top lists, after the stages."""
     from clipret import evaluation, metrics
-    from clipret.retrieval.gallery import prepare_search
+    from clipret.retrieval.prepare import prepare_search
     from clipret.retrieval.pipeline import Stages, score_function
     from clipret.retrieval.pipeline import retrieve as run_pipeline
 
@@ -189,7 +209,8 @@ def _full_ranking(q: Embeddings, gal: Any, label_map: dict[str, str], ks: list[i
         score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph,
                                   exclude=exclude)
         return evaluation.evaluate_embeddings(q, gal, label_map, ks, score_fn=score_fn if stages.any else None,
-                                              exclude=exclude, on_progress=stage_counter(progress, "evaluate", len(q)))
+                                              exclude=exclude, on_progress=stage_counter(progress, "evaluate", len(q)),
+                                              return_per_query=detail)
     q_codes, g_codes = evaluation.label_codes(q.ids, gal.ids, label_map)
     r_max = int(metrics.count_relevant(q_codes, g_codes).max(initial=0))
     depth = min(len(gal), max(max(ks), min(r_max, 1000)))
@@ -199,30 +220,45 @@ def _full_ranking(q: Embeddings, gal: Any, label_map: dict[str, str], ks: list[i
         depth, rows_found = depth - 1, rows_found[:, : depth - 1]  # a query's own item is out: G - 1 items to rank
     if (rows_found < 0).any() or depth == 0:
         raise ClipretError(f"the index returned fewer than {depth} neighbours for some queries; raise --nprobe or --ef-search")
-    return metrics.evaluate_topk(q_codes, g_codes, rows_found, [x for x in ks if x <= depth], exclude=exclude)
+    return metrics.evaluate_topk(q_codes, g_codes, rows_found, [x for x in ks if x <= depth], exclude=exclude,
+                                 return_per_query=detail)
 
 
-def train(root: PathLike, *, out: PathLike = "runs/clipret", overwrite: bool = False,
+def train(root: PathLike | None = None, *, out: PathLike = "runs/clipret", overwrite: bool = False, resume: bool = False,
           progress: Callable[[str, dict[str, Any]], None] | None = None, **settings: Any) -> dict[str, Any]:
-    """Fine-tune a retrieval model on ``root`` (``ROOT/training/<class>/*``) into the run folder ``out``.
+    """Fine-tune a retrieval model on ``root`` into the run folder ``out``.
 
-    ``settings`` are :class:`~clipret.config.TrainConfig` fields or the CLI's long option names
-    with underscores (``model="ViT-B-16"``, ``epochs=10``, ``classes_per_batch=32``): the same
-    settings ``clipret train`` builds. ``progress(event, payload)`` receives the training events
-    ("setup", "step", "epoch", ...). Returns the run's summary (best epoch, its metrics, paths).
+    ``root``: the dataset folder (``ROOT/training/<class>/*``) or a dataset CSV
+    (``path,label,split[,is_query,is_gallery]``: trains on its train rows, validates on its
+    validation rows). ``settings`` are :class:`~clipret.config.TrainConfig` fields or the CLI's
+    long option names with underscores (``model="ViT-B-16"``, ``epochs=10``,
+    ``classes_per_batch=32``): the same settings ``clipret train`` builds. ``overwrite`` moves an
+    existing run in ``out`` aside first. ``resume=True`` continues the interrupted run in ``out``
+    from its checkpoint with its own settings (``root`` and ``settings``, if given, are checked
+    against them; only a few may change, e.g. ``epochs``). ``progress(event, payload)`` receives the
+    training events ("setup", "step", "epoch", ...). Returns the run's summary (best epoch, its
+    metrics, paths).
     """
     import difflib
     from dataclasses import fields
 
     from clipret.config import LONG_NAMES, TrainConfig
-    from clipret.training.loop import train as run_training
+    from clipret.training import loop
 
     known = {f.name for f in fields(TrainConfig)} - {"root", "out"}
     aliases = {long.replace("-", "_"): name for name, long in LONG_NAMES.items()}
-    values = {aliases.get(key, key): value for key, value in settings.items()}
+    values = {aliases.get(key, key): str(value) if isinstance(value, os.PathLike) else value for key, value in settings.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         near = difflib.get_close_matches(unknown[0], sorted(known | set(aliases)), n=1)
         raise ClipretError(f"unknown training setting {unknown[0]!r}" + (f" (did you mean {near[0]}?)" if near else ""))
+    on_event = progress or (lambda kind, payload: None)
+    if resume:
+        if overwrite:
+            raise ClipretError("--resume continues a run and --overwrite replaces it; pass one of them")
+        overrides = {**values, **({"root": str(root)} if root is not None else {})}
+        return loop.resume(out, overrides=overrides, on_event=on_event)
+    if root is None:
+        raise ClipretError("missing ROOT, the dataset folder or CSV (or pass resume=True to continue the run in out)")
     cfg = TrainConfig.from_dict({**values, "root": str(root), "out": str(out)})
-    return run_training(cfg, overwrite=overwrite, on_event=progress or (lambda kind, payload: None))
+    return loop.train(cfg, overwrite=overwrite, on_event=on_event)

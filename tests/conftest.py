@@ -38,3 +38,14 @@ def device() -> str:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the image-check cache out of the user's home during tests."""
     os.environ["CLIPRET_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def invoke_cli(*args: object, code: int = 0):
+    """Run ``clipret ARGS`` in-process; assert its exit code (the output in the message); return the result."""
+    from typer.testing import CliRunner
+
+    from clipret.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == code, r.output
+    return r

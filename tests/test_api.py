@@ -8,24 +8,18 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import clipret
-from clipret.cli import app
-from conftest import ROOT, TINY_RN
+from conftest import invoke_cli, ROOT, TINY_RN
 
-runner = CliRunner()
 COMMON = ["--device", "cpu", "--workers", "0"]
 
 
 def _cli(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r
+    return invoke_cli(*args)
 
 
 def test_import_is_light_and_loads_nothing_heavy():
@@ -160,3 +154,33 @@ def test_the_reference_builds_with_pdoc(tmp_path):
     for name in clipret.__all__:
         if name != "__version__":
             assert name in page, name
+
+
+def test_index_cli_equals_gallery_build_add_remove(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    clipret.Embeddings(x[:200], [f"a{i:03d}" for i in range(200)], fingerprint="m").save(tmp_path / "a.npy")
+    clipret.Embeddings(x[200:], [f"b{i:03d}" for i in range(100)], fingerprint="m").save(tmp_path / "b.npy")
+    (tmp_path / "gone.txt").write_text("a000\nb099\nnot-here\n")
+    _cli("index", tmp_path / "a.npy", "--out", tmp_path / "cli.faiss", "--type", "ivf", "--nlist", 4)
+    _cli("index", "--add", tmp_path / "b.npy", "--index", tmp_path / "cli.faiss")
+    r = _cli("index", "--remove", tmp_path / "gone.txt", "--index", tmp_path / "cli.faiss")
+    assert "1 id(s) are not in the index and were ignored: not-here" in r.output
+
+    notes: list[str] = []
+    gal = clipret.Gallery.build(tmp_path / "a.npy", tmp_path / "api.faiss", type="ivf", nlist=4)
+    gal.add([tmp_path / "b.npy"]).remove(["a000", "b099", "not-here"], missing_ok=True, warnings=notes)
+    assert len(gal) == 298 and gal.ids == [i for i in [f"a{i:03d}" for i in range(200)] + [f"b{i:03d}" for i in range(100)]
+                                         if i not in ("a000", "b099")]
+    assert notes == ["1 id(s) are not in the index and were ignored: not-here"]
+    info = [clipret.Gallery.info(tmp_path / f"{n}.faiss") for n in ("cli", "api")]
+    differ = {k for k in info[0] if info[0][k] != info[1][k]}
+    assert info[0]["count"] == 298 and differ <= {"path", "generation"}, differ  # same index bytes (faiss_sha256)
+    cli_res = clipret.retrieve(x[:20], tmp_path / "cli.faiss", k=5)
+    api_res = clipret.retrieve(x[:20], gal, k=5)
+    assert cli_res.ids == api_res.ids and np.array_equal(cli_res.scores, api_res.scores)
+    res = clipret.retrieve(x[:3], gal, k=2)  # the changed index opens when searched
+    assert res.ids[1][0] == "a001" and "a000" not in res.ids[0]
+    with pytest.raises(clipret.ClipretError, match="not in the gallery"):
+        gal.remove(["nope"])

@@ -49,7 +49,8 @@ def test_no_help_text_is_shared_by_options_that_behave_differently():
     assert not wrong, "one help text for options that behave differently: " + repr(wrong)
 
 
-@pytest.mark.parametrize("command", ["train", "embed", "index", "query", "evaluate", "demo"])
+@pytest.mark.parametrize("command", sorted(typer.main.get_command(app).commands))
 def test_every_command_help_has_an_example(command):
     group = typer.main.get_command(app)
+    assert "Example" in (group.commands[command].help or "")
     assert re.search(r"clipret " + command, group.commands[command].help or "")

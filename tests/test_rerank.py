@@ -15,12 +15,12 @@ import pytest
 from reference import dense_k_reciprocal_rerank, ref_k_reciprocal_rerank
 
 from clipret.artifacts.neighbors import (
-    cached_gallery_graph,
     load_gallery_graph,
     neighbors_path,
     save_gallery_graph,
 )
 from clipret.retrieval.ranking import topk_rows
+from clipret.retrieval.rerank.cache import cached_gallery_graph
 from clipret.retrieval.rerank import (
     build_gallery_graph,
     k_reciprocal_rerank,

@@ -49,14 +49,14 @@ def _toml(key: str, value: Any) -> str:
 
 @pytest.fixture
 def captured(monkeypatch) -> list[TrainConfig]:
-    """The TrainConfig each `train` invocation would start a run with (no run is started)."""
+    """The TrainConfig each `train` invocation would start a run with, through clipret.train (no run is started)."""
     seen: list[TrainConfig] = []
 
-    def fake(cfg: TrainConfig, overwrite: bool, on_event: Any) -> dict[str, Any]:
+    def fake(cfg: TrainConfig, *, overwrite: bool, on_event: Any) -> dict[str, Any]:
         seen.append(cfg)
         return {"best_epoch": 1, "out": cfg.out}
 
-    monkeypatch.setattr("clipret.cli.train._train_new", fake)
+    monkeypatch.setattr("clipret.training.loop.train", fake)
     return seen
 
 

@@ -54,8 +54,9 @@ from clipret.artifacts.model import (
     save_model_folder,
 )
 from clipret.artifacts.neighbors import (
+    EXACT,
+    GalleryGraph,
     NEIGHBORS_FORMAT,
-    cached_gallery_graph,
     load_gallery_graph,
     neighbors_path,
     save_gallery_graph,
@@ -67,6 +68,6 @@ __all__ = [
     "save_model_folder", "read_model_config", "load_model_folder", "load_weights_file", "fingerprint_of", "save_checkpoint",
     "load_checkpoint", "kept_mode", "atomic_open", "atomic_path", "read_json", "write_json", "remove_stale_temps",
     "sha256_file", "sha256_text", "ensure_free_space", "human_bytes", "EMBEDDINGS_FORMAT", "MODEL_FORMAT", "CONFIG_NAME", "WEIGHTS_NAME",
-    "neighbors_path", "save_gallery_graph", "load_gallery_graph", "cached_gallery_graph", "NEIGHBORS_FORMAT",
+    "neighbors_path", "save_gallery_graph", "load_gallery_graph", "NEIGHBORS_FORMAT", "EXACT", "GalleryGraph",
     "INDEX_FORMAT", "read_index_pair", "read_sidecar", "sidecar_path", "write_index_pair",
 ]

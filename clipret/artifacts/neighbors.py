@@ -24,19 +24,62 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipret.artifacts.atomic import atomic_path
 
-if TYPE_CHECKING:  # the retrieval modules load only when a graph is read or built
-    from clipret.retrieval.rerank.graph import GalleryGraph
-    from clipret.retrieval.search import Searcher
-
 NEIGHBORS_FORMAT = "clipret.knn/1"
+EXACT = "exact"  # the graph's ``method`` when built by exact search
+
+
+@dataclass(frozen=True)
+class GalleryGraph:
+    """Each gallery item's nearest gallery items and its smallest similarity to any of them.
+
+    indices: (G, m) int64 gallery rows, best first by the ranking rule (the
+        item itself is normally first); m = min(neighbors needed, G).
+    scores: (G, m) float32 cosine similarities matching ``indices``.
+    min_scores: (G,) float32 each item's smallest similarity to any gallery
+        item (its largest squared distance is 2 - 2 * min_score).
+    dim: the embedding dimension the graph was built from.
+    method: ``"exact"`` for the built-in exact search, else the searcher's
+        class name (an approximate index gives an approximate graph).
+    filled: rows the searcher returned short (fewer than m neighbours), whose
+        lists came from exact search instead (not stored in the cache file).
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    min_scores: np.ndarray
+    dim: int
+    method: str = EXACT
+    filled: int = 0
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def neighbors(self) -> int:
+        return int(self.indices.shape[1])
+
+    def truncated(self, m: int) -> GalleryGraph:
+        """The same graph keeping only the first ``m`` neighbours (lists are sorted, so still exact)."""
+        m = min(m, self.count)
+        if m > self.neighbors:
+            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {m} needed")
+        return GalleryGraph(self.indices[:, :m], self.scores[:, :m], self.min_scores, self.dim, self.method, self.filled)
+
+    def check(self, gallery: np.ndarray, m: int) -> None:
+        """Raise ValueError unless this graph belongs to a gallery of this shape and holds ``m`` neighbours."""
+        g, d = gallery.shape
+        if self.count != g or self.dim != d:
+            raise ValueError(f"graph was built for a ({self.count}, {self.dim}) gallery, got {gallery.shape}")
+        if self.neighbors < min(m, g):
+            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {min(m, g)} needed")
 
 
 def neighbors_path(gallery_path: str | os.PathLike[str]) -> Path:
@@ -68,8 +111,6 @@ def load_gallery_graph(
 
     A graph built exactly also serves a request for a searcher-built one.
     """
-    from clipret.retrieval.rerank.graph import EXACT, GalleryGraph
-
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["format"]) != NEIGHBORS_FORMAT or str(z["key"]) != key:
@@ -90,36 +131,3 @@ def load_gallery_graph(
     ):
         return None
     return GalleryGraph(indices[:, :m].astype(np.int64), scores[:, :m], mins, dim, stored_method)
-
-
-def cached_gallery_graph(
-    gallery: np.ndarray,
-    path: str | os.PathLike[str],
-    *,
-    key: str,
-    k1: int = 20,
-    k2: int = 6,
-    searcher: Searcher | None = None,
-    chunk: int | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[GalleryGraph, bool]:
-    """The gallery's graph from ``path`` when it matches, else built and written there.
-
-    ``key`` names the gallery content (for example the manifest's content
-    hash); a different key means a different gallery. Returns (graph,
-    reused): ``reused`` is False when the graph was (re)built.
-    """
-    from clipret.retrieval.rerank.graph import (
-        EXACT,
-        build_gallery_graph,
-        graph_neighbors,
-    )
-
-    count, dim = (int(s) for s in gallery.shape)
-    method = EXACT if searcher is None else type(searcher).__name__
-    graph = load_gallery_graph(path, key=key, count=count, dim=dim, neighbors=graph_neighbors(k1, k2), method=method)
-    if graph is not None:
-        return graph, True
-    graph = build_gallery_graph(gallery, k1=k1, k2=k2, searcher=searcher, chunk=chunk, on_progress=on_progress)
-    save_gallery_graph(path, graph, key=key)
-    return graph, False

@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from clipret import __version__
-from clipret.cli import _console, demo, embed, evaluate, index, query, train
+from clipret.cli import _console, demo, embed, evaluate, index, prepare, query, report, serve, train
 from clipret.errors import ClipretError
 
 def _tta_words(word: str) -> bool:
@@ -119,6 +119,9 @@ app.command("index")(index.index_command)
 app.command("query")(query.query_command)
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("demo")(demo.demo_command)
+app.command("prepare")(prepare.prepare_command)
+app.command("serve")(serve.serve_command)
+app.command("report")(report.report_command)
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import enum
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -22,34 +23,24 @@ from clipret.cli._options import (
     warn_random_weights,
 )
 
+class RowChoice(str, enum.Enum):
+    gallery = "gallery"
+    query = "query"
+    validation = "validation"
+    train = "train"
+    all = "all"
+
+
+Rows = Annotated[
+    Optional[RowChoice],
+    typer.Option("--rows", help="With a dataset CSV: which rows to embed (validation rows marked is_gallery or "
+                 "is_query, every validation row, the train rows, or all).", show_default="gallery"),
+]
+
 EmbedBatchSize = Annotated[
     Optional[int],
     typer.Option("--batch-size", help="Images per forward pass.", show_default="256 on CUDA, 64 on the CPU"),
 ]
-
-
-@contextlib.contextmanager
-def rank_progress(description: str) -> Iterator[Callable[..., None]]:
-    """:func:`_console.progress_bar` on rank 0; a silent ``advance`` on the other torchrun ranks."""
-    from clipret import runtime
-
-    if not runtime.is_main():
-        def advance(n: int = 1, total: int | None = None, **values: Any) -> None:
-            return None
-
-        yield advance
-        return
-    with _console.progress_bar(None, description if runtime.world_size() == 1 else f"{description} (rank 0's share)") as advance:
-        yield advance
-
-
-def progress_start(advance: Callable[..., None], n: int) -> None:
-    """Size the progress bar; with --debug under torchrun, every rank says how many images it embeds."""
-    from clipret import runtime
-
-    advance(0, total=n)
-    if runtime.world_size() > 1 and _console.debug_enabled():
-        _console.info(f"rank {runtime.rank()} of {runtime.world_size()}: {n} image(s) to embed", label="debug:")
 
 
 def _fail(message: str) -> None:
@@ -61,10 +52,33 @@ def _fail(message: str) -> None:
     _console.fail(message)
 
 
+@contextlib.contextmanager
+def rank_stage_progress(description: str) -> Iterator[Any]:
+    """A ``progress(stage, done, total)`` for :meth:`clipret.Encoder.embed_folder`: a bar on rank 0
+    (named ``description``); with --debug under torchrun every rank also says how many images it embeds."""
+    from clipret import runtime
+
+    def say_count(done: int, total: int) -> None:
+        if done == 0 and runtime.world_size() > 1 and _console.debug_enabled():
+            _console.info(f"rank {runtime.rank()} of {runtime.world_size()}: {total} image(s) to embed", label="debug:")
+
+    if not runtime.is_main():
+        yield lambda stage, done, total: say_count(done, total)
+        return
+    name = description if runtime.world_size() == 1 else f"{description} (rank 0's share)"
+    with _console.stage_progress() as bar:
+        def progress(stage: str, done: int, total: int) -> None:
+            say_count(done, total)
+            bar(name, done, total)
+
+        yield progress
+
+
 @_console.handle_errors
 def embed_command(
     ctx: typer.Context,
-    folder: Annotated[Path, typer.Argument(help="Folder of images (flat or with class subfolders).")],
+    folder: Annotated[Path, typer.Argument(help="Folder of images (flat or with class subfolders), or a dataset CSV "
+                                           "(path,label,split[,is_query,is_gallery]: its gallery rows, see --rows).")],
     model: Annotated[str, typer.Option("--model", "-m", help="A run folder from `clipret train`, or an open_clip model name/config for zero-shot CLIP.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .npy; a .json manifest is written beside it.")] = Path("embeddings.npy"),
     pretrained: Pretrained = None,
@@ -88,6 +102,7 @@ def embed_command(
     tta: Tta = None,
     exact_decode: ExactDecode = False,
     dba: Dba = 0,
+    rows: Rows = None,
 ) -> None:
     """Embed every image under FOLDER into OUT (.npy, float32, L2-normalised, rows in id order).
 
@@ -96,6 +111,7 @@ def embed_command(
     \b
       clipret embed ./data/test/gallery --model runs/exp1 --out gallery.npy
       clipret embed ./data/test/gallery --model runs/exp1 --tta flip --out gallery-flip.npy
+      clipret embed ./data/dataset.csv --model runs/exp1 --out gallery.npy
 
     Zero-shot baseline (CLIP's own embedding, no head):
 
@@ -113,7 +129,8 @@ def embed_command(
     discard them unless given --overwrite.
     """
     from clipret import runtime
-    from clipret.embedding.folder import embed_folder
+    from clipret.data.sources import check_source
+    from clipret.embedding.encoder import Encoder
     from clipret.parallel.groups import PeerError
 
     if out.suffix != ".npy":
@@ -126,15 +143,16 @@ def embed_command(
         _fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
     if resume and overwrite:
         _fail("--resume continues an interrupted run and --overwrite discards it; pass one of them")
+    check_source(folder)  # before the model loads
     if runtime.is_main():
         warn_ignored_pretrained(model, pretrained)
         warn_random_weights(model, pretrained)
     try:
-        with runtime.catch_stop_signals(defer=False), rank_progress("embed") as advance:
-            emb = embed_folder(folder, model, pretrained, out=out, shard_size=shard_size, resume=resume, overwrite=overwrite,
-                               batch_size=batch_size, workers=workers, device=device, amp=amp, strict=strict, tta=tta,
-                               exact_decode=exact_decode, dba=dba, on_start=lambda n: progress_start(advance, n),
-                               on_batch=advance)
+        with runtime.catch_stop_signals(defer=False), rank_stage_progress("embed") as progress:
+            encoder = Encoder.load(model, pretrained, device=device, amp=amp)
+            emb = encoder.embed_folder(folder, tta=tta, out=out, progress=progress, shard_size=shard_size, resume=resume,
+                                       overwrite=overwrite, batch_size=batch_size, workers=workers, strict=strict,
+                                       exact_decode=exact_decode, dba=dba, rows=rows.value if rows is not None else None)
     except PeerError:  # another rank failed and printed why
         _console.leave_group(2)
     except KeyboardInterrupt as stop:  # runtime.Interrupted: SIGINT or SIGTERM

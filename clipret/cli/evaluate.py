@@ -22,6 +22,8 @@ def evaluate_command(
     gallery_from_labels: Annotated[bool, typer.Option(help="For a results.json without a sidecar: take every labelled id that is not a query as the gallery.")] = False,
     k: Annotated[Optional[list[int]], typer.Option("--k", "-k", help="Cut-offs for Recall@K etc. (top-k positions), e.g. --k 1 5 10 (or --k 1 --k 5).", show_default="1 5 10")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Allow embeddings from different model fingerprints (warns).")] = False,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Also print R@1, MAP@R and the query count per class, worst first.", show_default="off")] = False,
+    worst: Annotated[int, typer.Option("--worst", help="Also list the N queries with the lowest AP (id, label, AP, rank of first hit).", show_default="none")] = 0,
     options: SearchOptions = SearchOptions(),  # --dba ... --keep-self (see search_options)
     as_json: Json = False,
 ) -> None:
@@ -41,12 +43,17 @@ def evaluate_command(
     item is left out of its ranking and of R, as the metric-learning
     benchmarks (CUB-200, Cars-196, SOP) require; --keep-self keeps it.
 
+    --per-class and --worst N add a table each (and the keys per_class and
+    worst to --json); AP is over the full ranking, or AP@k at the deepest
+    --k for a results.json.
+
     Examples:
 
     \b
       clipret evaluate results.json --labels labels.csv --k 1 5 10
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --json
       clipret evaluate --query q.npy --gallery g.npy --labels labels.csv --rerank --qe 3
+      clipret evaluate results.json --labels labels.csv --per-class --worst 20
     """
     import dataclasses
 
@@ -67,7 +74,7 @@ def evaluate_command(
         if gallery_from_labels and label_map is None:
             _console.fail("--gallery-from-labels needs --labels")
         res = Results.load(files[0], gallery, labelled=label_map, gallery_from_labels=gallery_from_labels)
-        metrics = evaluate(res, labels=label_map, k=ks, keep_self=options.keep_self)
+        metrics = evaluate(res, labels=label_map, k=ks, keep_self=options.keep_self, per_class=per_class, worst=worst)
         _explain_missing(files[0], res.records(), ks, metrics, labels)
         found, title = res.self_rows, f"retrieval metrics: {files[0]}"
     elif query is not None and gallery is not None:
@@ -82,7 +89,7 @@ def evaluate_command(
         settings = {key: v for key, v in dataclasses.asdict(options).items() if key not in ("keep_self", "nprobe", "ef_search")}
         with _console.stage_progress() as on_progress:
             metrics = evaluate(q, g, labels=label_map, k=ks, keep_self=options.keep_self, progress=on_progress,
-                               allow_mismatch=True, **settings)
+                               allow_mismatch=True, per_class=per_class, worst=worst, **settings)
         found = self_matches(q, g)
         how = "full ranking" if g.index is None else "the index's own top lists"
         title = f"retrieval metrics: {query.name} vs {gallery.name} ({how}, {' + '.join(stages.to_dict()) or 'plain'})"
@@ -90,7 +97,32 @@ def evaluate_command(
         _console.fail("nothing to score: pass results.json, or --query q.npy --gallery g.npy")
         return
     report_self_matches(found, options.keep_self)
+    if as_json:
+        _console.print_metrics(metrics, title, as_json)
+        return
+    tables = {key: metrics.pop(key) for key in ("per_class", "worst") if key in metrics}
     _console.print_metrics(metrics, title, as_json)
+    if "per_class" in tables:
+        _print_rows("per class, worst first", tables["per_class"], ["class", "n_queries", "recall@1", "map@r"])
+    if "worst" in tables:
+        depth = max((int(key[4:]) for key in metrics if key.startswith("map@") and key[4:].isdigit()), default=0)
+        kind = "over the full ranking" if "map" in metrics else f"AP@{depth}"
+        _print_rows(f"the {len(tables['worst'])} queries with the lowest AP ({kind})", tables["worst"],
+                    ["id", "label", "ap", "first_hit_rank"])
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A rich table of ``rows``; every cell is plain text (ids and labels are data, never markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title), header_style="bold")
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("class", "id", "label") else "right")
+    for row in rows:
+        table.add_row(*(Text("-" if row[c] is None else f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]))
+                        for c in columns))
+    _console.out.print(table)
 
 
 def _explain_missing(results_path: str, results: Any, ks: list[int], metrics: dict[str, Any], labels: Path | None) -> None:

@@ -85,14 +85,11 @@ def index_command(
 
 def _build(inputs: list[Path], out: Path | None, kind: str, params: dict[str, Any], *, max_memory: str | None, seed: int,
            allow_mismatch: bool) -> Path:
-    """Build mode: the index pair ``out`` from ``inputs``; return ``out``."""
-    from clipret.retrieval.index import build_index, parse_size
+    """Build mode: the index pair ``out`` from ``inputs`` (:meth:`clipret.Gallery.build`); return ``out``."""
+    from clipret.retrieval.gallery import Gallery
 
     if out is None:
         _console.fail("building an index needs --out, e.g. --out gallery.faiss")
-    if out.suffix == ".npy" or any(out.resolve() == Path(p).resolve() for p in inputs):
-        _console.fail(f"--out {escape(str(out))} would overwrite embeddings; write the index to a .faiss file")
-    budget = parse_size(max_memory) if max_memory is not None else None
 
     def on_plan(plan: Any, n: int, dim: int) -> None:
         _print_plan(plan, n, dim)
@@ -100,40 +97,50 @@ def _build(inputs: list[Path], out: Path | None, kind: str, params: dict[str, An
         if unused:
             _console.warn(f"{plan.type} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}; ignored")
 
-    with _console.stage_progress() as on_progress:
-        meta = build_index(inputs, out, kind=kind, params=params, max_memory=budget, seed=seed,
-                           allow_mismatch=allow_mismatch, on_plan=on_plan, on_progress=on_progress, on_warning=_console.warn)
-    _console.info(f"wrote {escape(str(out))} and {escape(str(out))}.json: {meta['type']}, {meta['count']} vectors of dim {meta['dim']}")
+    notes: list[str] = []
+    with _console.stage_progress() as progress:
+        gallery = Gallery.build(inputs, out, type=kind, max_memory=max_memory, seed=seed, allow_mismatch=allow_mismatch,
+                                progress=progress, warnings=notes, on_plan=on_plan, **params)
+    _warn_all(notes)
+    meta = gallery.index.meta
+    _console.info(f"wrote {out} and {out}.json: {meta['type']}, {len(gallery)} vectors of dim {gallery.dim}")
     return out
 
 
 def _add(index: Path, add: list[Path], *, allow_mismatch: bool) -> Path:
-    """--add mode: append the embeddings ``add`` to ``index``; return ``index``."""
-    from clipret.retrieval.index import add_to_index
+    """--add mode: append the embeddings ``add`` to ``index`` in place (:meth:`clipret.Gallery.add`); return ``index``."""
+    from clipret.retrieval.gallery import Gallery
 
-    with _console.stage_progress() as on_progress:
-        meta = add_to_index(index, add, allow_mismatch=allow_mismatch, on_progress=on_progress, on_warning=_console.warn)
-    _console.info(f"added to {escape(str(index))}: now {meta['count']} vectors")
+    notes: list[str] = []
+    with _console.stage_progress() as progress:
+        gallery = Gallery.open(index).add(add, allow_mismatch=allow_mismatch, progress=progress, warnings=notes)
+    _warn_all(notes)
+    _console.info(f"added to {index}: now {len(gallery)} vectors")
     return index
 
 
 def _remove(index: Path, remove: Path) -> Path:
-    """--remove mode: remove the ids listed in the file ``remove`` from ``index``; return ``index``."""
-    from clipret.retrieval.index import remove_from_index
+    """--remove mode: remove the ids listed in the file ``remove`` from ``index`` (:meth:`clipret.Gallery.remove`)."""
+    from clipret.retrieval.gallery import Gallery
 
     ids = _read_ids(remove)
-    meta, missing = remove_from_index(index, ids)
-    if missing:
-        shown = ", ".join(escape(i) for i in missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        _console.warn(f"{len(missing)} id(s) are not in the index and were ignored: {shown}")
-    _console.info(f"removed {len(set(ids)) - len(missing)} id(s) from {escape(str(index))}: now {meta['count']} vectors")
+    gallery = Gallery.open(index)
+    before, notes = len(gallery), []
+    gallery.remove(ids, missing_ok=True, warnings=notes)
+    _warn_all(notes)
+    _console.info(f"removed {before - len(gallery)} id(s) from {index}: now {len(gallery)} vectors")
     return index
+
+
+def _warn_all(notes: list[str]) -> None:
+    for note in notes:
+        _console.warn(note)
 
 
 def _print_plan(plan: Any, n: int, dim: int) -> None:
     from clipret.retrieval.index import format_size
 
-    _console.info(f"{escape(plan.reason)}: {escape(plan.describe())} for {n} vectors of dim {dim}; "
+    _console.info(f"{plan.reason}: {plan.describe()} for {n} vectors of dim {dim}; "
                   f"expected memory {format_size(plan.memory)}, expected recall@10 {plan.recall:.3f} (bench/search.py)")
 
 
@@ -151,9 +158,10 @@ def _read_ids(path: Path) -> list[str]:
 
 
 def _print_info(path: Path, as_json: bool) -> None:
-    from clipret.retrieval.index import format_size, index_info
+    from clipret.retrieval.gallery import Gallery
+    from clipret.retrieval.index import format_size
 
-    info = index_info(path)
+    info = Gallery.info(path)
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return

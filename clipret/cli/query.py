@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -22,15 +22,15 @@ from clipret.cli._options import (
     warn_random_weights,
 )
 from clipret.cli._search import report_self_matches
-from clipret.cli.embed import EmbedBatchSize, progress_start, rank_progress
+from clipret.cli.embed import EmbedBatchSize
 from clipret.errors import ClipretError
 
 
 @_console.handle_errors
 @search_options
 def query_command(
-    query: Annotated[Path, typer.Argument(help="Query embeddings (.npy with its .json manifest) or a folder of images.")],
     gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Gallery: embeddings .npy from `clipret embed`, or an index from `clipret index`.")],
+    query: Annotated[Optional[Path], typer.Argument(help="Query embeddings (.npy with its .json manifest), a folder of images, or a dataset CSV (its query rows); omit it with --text.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="results.json to write (and its sidecar results.json.json).")] = Path("results.json"),
     k: TopK = 10,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to embed a query folder with (as for `clipret embed`); not used for .npy queries.", show_default="the model the gallery's manifest records")] = None,
@@ -44,6 +44,7 @@ def query_command(
     device: Device = "auto",
     amp: Amp = "auto",
     strict: Annotated[bool, typer.Option(help="Fail if any query image cannot be read.")] = False,
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="Search with text (repeat for several queries), through the text tower of the zero-shot CLIP model that embedded --gallery; a fine-tuned gallery is refused.", show_default="none: QUERY is searched")] = None,
 ) -> None:
     """Retrieve the top-k gallery items for each query.
 
@@ -60,45 +61,63 @@ def query_command(
     row when query and gallery are one embeddings file) never lists itself:
     its own item is left out (counted in the sidecar); --keep-self keeps it.
 
+    --text searches with words instead of images: CLIP's text tower shares the
+    space of its own image tower, so it needs a gallery that the same zero-shot
+    model embedded (`clipret embed DIR --model ViT-B-32 --pretrained TAG`);
+    a fine-tuned run's gallery has no text tower in its space.
+
     Examples:
 
     \b
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --k 10 --out results.json
       clipret query ./data/test/query --model runs/exp1 --gallery gallery.npy --tta flip --rerank --qe 3
       clipret query q.npy --gallery gallery.faiss --nprobe 32 --k 100
+      clipret query --text "a red dress" --gallery g0.npy --model ViT-B-32 --pretrained openai --k 5
     """
     import dataclasses
 
     from clipret import artifacts, runtime
     from clipret.api import retrieve
+    from clipret.data.dataset_csv import is_dataset_csv
+    from clipret.data.sources import check_source
     from clipret.retrieval.gallery import open_gallery
 
     if k <= 0:
         _console.fail(f"--k must be positive, got {k}")
-    if not query.exists():
+    if (query is None) == (text is None):
+        _console.fail("give a query (a folder of images or a .npy) or --text \"words\", one of the two")
+    if query is not None and not query.exists():
         raise ClipretError(f"query path not found: {query}")
     options.stages()  # a bad value fails before any image is read
-    if not runtime.is_main() and not query.is_dir():
+    images = query is not None and (query.is_dir() or is_dataset_csv(query))  # else a .npy of embeddings
+    if images:
+        check_source(query)  # a dataset CSV's every row, before a model loads
+    if not runtime.is_main() and not images:
         return  # under torchrun, rank 0 alone searches: only a query folder has work for the other ranks
     gal = open_gallery(gallery, nprobe=options.nprobe, ef_search=options.ef_search) if runtime.is_main() else None
-    if query.is_dir():
+    if text is not None:
+        if tta is not None:
+            _console.fail("--tta applies when images are embedded; a text query has none")
+        q = _text_queries(text, gallery, gal, model, pretrained, device=device, amp=amp, allow_mismatch=allow_mismatch)
+    elif images:
         model, pretrained, tta = _gallery_defaults(gallery, model, pretrained, tta)
         if runtime.is_main():
             warn_ignored_pretrained(model, pretrained)
             warn_random_weights(model, pretrained)
-        from clipret.embedding.folder import embed_folder
+        from clipret.cli.embed import rank_stage_progress
+        from clipret.embedding.encoder import Encoder
         from clipret.parallel.groups import PeerError
 
         try:  # under torchrun every rank embeds its share of the queries; rank 0 gets them all
-            with rank_progress("embed queries") as advance:
-                q = embed_folder(query, model, pretrained, batch_size=batch_size, workers=workers, device=device, amp=amp, strict=strict,
-                                 tta=tta, exact_decode=exact_decode, on_start=lambda n: progress_start(advance, n), on_batch=advance)
+            with rank_stage_progress("embed queries") as progress:
+                q = Encoder.load(model, pretrained, device=device, amp=amp).embed_folder(
+                    query, tta=tta, progress=progress, batch_size=batch_size, workers=workers, strict=strict,
+                    exact_decode=exact_decode, rows="query" if is_dataset_csv(query) else None)
         except PeerError:  # another rank failed and printed why
             _console.leave_group(2)
         if not runtime.is_main():
             return
         _console.report_unreadable(q.skipped)
-        q.root = query.resolve()
     else:
         if tta is not None:
             _console.fail(f"--tta applies when images are embedded, and {query} holds embeddings already; "
@@ -116,6 +135,26 @@ def query_command(
     res.to_json(out)
     report_self_matches(res.self_rows, options.keep_self)
     _console.info(f"wrote top-{min(k, len(gal))} results for {len(q)} queries to {out}")
+
+
+def _text_queries(texts: list[str], gallery: Path, gal: Any, model: str | None, pretrained: str | None, *,
+                  device: str, amp: str, allow_mismatch: bool) -> Any:
+    """Embeddings of ``texts`` by the text tower of the zero-shot model that embedded ``gallery`` (--model, else
+    the one its manifest records); a fine-tuned gallery is refused in one line that says what to do."""
+    from clipret.embedding.text import TextEncoder, fine_tuned_refusal, is_fine_tuned
+
+    if model is None:
+        if is_fine_tuned(gal.flags) or not gal.flags.get("model"):
+            raise ClipretError(fine_tuned_refusal(gallery, gal.root, gal.flags) if is_fine_tuned(gal.flags) else
+                               f"{gallery} does not record the model that embedded it; pass --model and --pretrained")
+        model, pretrained = str(gal.flags["model"]), pretrained or gal.flags.get("pretrained")
+        _console.info(f"using the gallery's --model {model} --pretrained {pretrained} (as recorded in {gallery}'s manifest)")
+    encoder = TextEncoder.load(model, pretrained, device=device, amp=amp)
+    for note in encoder.check_gallery(gal, allow_mismatch=allow_mismatch):
+        _console.warn(note)
+    q = encoder.embed_text(texts)
+    q.flags["tta"] = gal.flags.get("tta")  # TTA is an image-side setting: a text query has none to match
+    return q
 
 
 def _gallery_defaults(gallery: Path, model: str | None, pretrained: str | None,

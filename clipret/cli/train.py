@@ -163,9 +163,7 @@ def train_command(
         return
     if root is None:
         _console.fail("missing ROOT, the dataset folder (or pass --resume RUN to continue a run)")
-    from clipret.config import TrainConfig
-
-    _run(lambda on_event: _train_new(TrainConfig.from_dict(values), overwrite, on_event))
+    _run(lambda on_event: _train_new(values, overwrite, on_event))
 
 
 def _explicit(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -185,15 +183,17 @@ def _resume(ctx: typer.Context, values: dict[str, Any]) -> None:
             _console.fail(f"nothing to resume: no checkpoint at {run / 'checkpoint.pt'}; pass the run folder "
                           "(clipret train --resume RUN), or ROOT --out RUN --resume")
     given.pop("out", None)
-    from clipret.training.loop import resume
+    from clipret.api import train
 
-    _run(lambda on_event: resume(run, overrides=given, on_event=on_event))
+    _run(lambda on_event: train(given.pop("root", None), out=run, resume=True, progress=on_event, **given))
 
 
-def _train_new(cfg: Any, overwrite: bool, on_event: Any) -> dict[str, Any]:
-    from clipret.training.loop import train
+def _train_new(values: dict[str, Any], overwrite: bool, on_event: Any) -> dict[str, Any]:
+    """:func:`clipret.train` with the command line's settings (with --overwrite it replaces the old run first)."""
+    from clipret.api import train
 
-    return train(cfg, overwrite=overwrite, on_event=on_event)  # with --overwrite it replaces the old run first
+    settings = dict(values)
+    return train(settings.pop("root"), out=settings.pop("out"), overwrite=overwrite, progress=on_event, **settings)
 
 
 def _run(start: Any) -> None:

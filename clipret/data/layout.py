@@ -118,10 +118,15 @@ def folder_labels(ids: Iterable[str]) -> dict[str, str]:
 
 
 def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read ``filename,label`` rows (a header row is optional) into {id: label}."""
+    """Read ``filename,label`` rows (a header row is optional) into {id: label}; or a dataset CSV's
+    (:mod:`clipret.data.dataset_csv`) ``path`` and ``label`` columns."""
     path = Path(path)
     if not path.is_file():
         raise ClipretError(f"labels file not found: {path}")
+    from clipret.data.dataset_csv import is_dataset_csv, read_dataset_csv
+
+    if is_dataset_csv(path):  # path,label,split[,...]: the ids are its paths
+        return read_dataset_csv(path, check_files=False).labels()
     labels: dict[str, str] = {}
     with open(path, newline="", encoding="utf-8-sig") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
@@ -182,8 +187,17 @@ def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Pa
 
     Returns (ids, labels, folder, unusable): ``unusable`` maps the files that
     cannot be ids (a name that is not valid UTF-8) to the reason, so training
-    can list them with the other excluded images.
+    can list them with the other excluded images. ``root`` may be a dataset CSV: its train and
+    validation rows, ids relative to its folder (:func:`validation_ids` tells the latter apart).
     """
+    from clipret.data.dataset_csv import is_dataset_csv, read_dataset_csv
+
+    if is_dataset_csv(root):
+        table = read_dataset_csv(root)
+        rows = sorted(((r.path, r.label) for r in table.rows), key=lambda row: row[0])
+        if len({r.label for r in table.rows if r.split == "train"}) < 2:
+            raise ClipretError(f"{root} has fewer than 2 labels among its train rows; metric learning needs at least 2 classes")
+        return [i for i, _ in rows], [c for _, c in rows], table.root, {}
     root = Path(root)
     folder = root / "training" if (root / "training").is_dir() else root
     if not root.is_dir():
@@ -198,6 +212,15 @@ def training_set(root: str | os.PathLike[str]) -> tuple[list[str], list[str], Pa
     if n_classes < 2:
         raise ClipretError(f"{folder} has {n_classes} class folder(s); metric learning needs at least 2 classes")
     return ids, labels, folder, {s["id"]: s["reason"] for s in skipped}
+
+
+def validation_ids(root: str | os.PathLike[str]) -> set[str] | None:
+    """The ids of a dataset CSV's validation rows (training validates on them); None for a folder."""
+    from clipret.data.dataset_csv import is_dataset_csv, read_dataset_csv
+
+    if not is_dataset_csv(root):
+        return None
+    return {r.path for r in read_dataset_csv(root, check_files=False).rows if r.split == "validation"}
 
 
 def ensure_empty_targets(root: Path) -> None:

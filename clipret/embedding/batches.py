@@ -4,6 +4,12 @@
 one DataLoader and yields each shard's rows; :func:`embed_images` is the one-shard case. Every
 shard is cut into batches from its own start, so its rows do not depend on who embeds it
 (:mod:`clipret.embedding.sharded` builds resumable and multi-rank embedding on that).
+
+Feeding a GPU (:func:`load_batches`): page-locked batches copied without blocking, more batches
+prefetched per worker, and plain JPEGs decoded on the GPU (:mod:`clipret.embedding.gpu_decode`,
+automatic on CUDA; the workers then only read bytes). On the CPU the loader is as before.
+Persistent workers would not pay: one loader reads every shard, once. ``channels_last`` is not
+applied: bench/embed.py --steady measures it (``--forward-variants``) before it is kept.
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from clipret.data.dataset import ImageFolderDataset, collate
+from clipret.embedding.gpu_decode import EncodedImages, collate_encoded, device_decode_plan
 from clipret.embedding.tta import average_views
 from clipret.parallel.shards import shard_batches
 from clipret.runtime import autocast
 
-__all__ = ["CPU_BATCH", "CUDA_BATCH", "default_batch_size", "embed_images", "embed_shards", "tf32_matmuls"]
+__all__ = ["CPU_BATCH", "CUDA_BATCH", "default_batch_size", "embed_images", "embed_shards", "load_batches", "tf32_matmuls"]
 
 CPU_BATCH, CUDA_BATCH = 64, 256  # default images per forward pass
+CUDA_PREFETCH = 4  # batches each loader worker keeps ready when feeding a GPU (torch's default: 2)
 
 
 def default_batch_size(device: Any) -> int:
@@ -59,6 +67,7 @@ def embed_images(
     amp: Any = None,
     decode_side: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    gpu_decode: bool | None = None,
 ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """Embed ``folder/id`` for every id, in id order.
 
@@ -68,10 +77,11 @@ def embed_images(
     embeddings averaged and re-normalised; and ``skipped`` lists ``{"id", "reason"}`` for
     every file that could not be decoded. ``decode_side`` lets JPEGs decode at
     a reduced scale (see :func:`clipret.data.decode.load_rgb`). ``on_batch(n)`` is called with the
-    number of files handled after each batch.
+    number of files handled after each batch. ``gpu_decode``: decode JPEGs on ``device``
+    (:mod:`clipret.embedding.gpu_decode`): True, False, or None (automatic; ``CLIPRET_GPU_DECODE``).
     """
     return next(embed_shards(encoder, folder, ids, [(0, len(ids))], transform, batch_size=batch_size, workers=workers,
-                             device=device, amp=amp, decode_side=decode_side, on_batch=on_batch))
+                             device=device, amp=amp, decode_side=decode_side, on_batch=on_batch, gpu_decode=gpu_decode))
 
 
 def embed_shards(
@@ -87,6 +97,7 @@ def embed_shards(
     amp: Any = None,
     decode_side: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    gpu_decode: bool | None = None,
 ) -> Iterator[tuple[np.ndarray, list[str], list[dict[str, str]]]]:
     """For each ``(start, stop)`` in ``bounds``, in order, yield what :func:`embed_images` returns
     for ``ids[start:stop]``: (N', D) float32 unit rows, the kept ids, the skipped ones.
@@ -100,16 +111,8 @@ def embed_shards(
     encoder = encoder.to(device).eval()
     batches = shard_batches(bounds, batch_size)
     owner = [k for k, (start, stop) in enumerate(bounds) for _ in range(start, stop, batch_size)]
-    loader: Any = []
-    if batches:
-        loader = DataLoader(
-            ImageFolderDataset(folder, ids, transform, decode_side=decode_side),
-            batch_sampler=batches,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",  # page-locked batches: the copy below runs asynchronously
-            generator=torch.Generator().manual_seed(0),  # keep the global RNG untouched (resume exactness)
-        )
+    loader = load_batches(folder, ids, batches, transform, workers=workers, device=device, decode_side=decode_side,
+                          gpu_decode=gpu_decode)
     dim = int(getattr(encoder, "embed_dim", 0))
     current, rows, kept, skipped = 0, [], [], []  # the shard being filled
     for k, batch in zip(owner, loader):
@@ -119,13 +122,48 @@ def embed_shards(
         skipped.extend({"id": ids[index], "reason": reason} for index, reason in batch["errors"])
         n_good = len(batch["indices"])
         if n_good:
-            rows.append(encode_batch(encoder, batch["images"].to(device, non_blocking=True), device, amp))
+            rows.append(encode_batch(encoder, batch["images"], device, amp))
             kept.extend(batch["indices"].tolist())
         if on_batch is not None:
             on_batch(n_good + len(batch["errors"]))
     while current < len(bounds):
         yield _finish(rows, kept, skipped, ids, dim)
         current, rows, kept, skipped = current + 1, [], [], []
+
+
+def load_batches(folder: str | Path, ids: Sequence[str], batches: Sequence[Sequence[int]], transform: Callable, *,
+                 workers: int = 0, device: Any = "cpu", decode_side: int | None = None,
+                 gpu_decode: bool | None = None) -> Iterator[dict[str, Any]]:
+    """Decode and preprocess ``folder/ids[i]`` for each batch of indices, in order: yields
+    ``{"images": (B', 3, H, W) float32 (or (B', V, 3, H, W)) on device or None, "indices": (B',) long,
+    "errors": [(i, reason)]}``, the good images in index order and the files that could not be read.
+
+    On CUDA decoded batches are page-locked and copied without blocking, each worker prefetches
+    :data:`CUDA_PREFETCH` batches, and plain JPEGs are decoded on the device
+    (:func:`clipret.embedding.gpu_decode.device_decode_plan`: automatic, ``gpu_decode`` or
+    ``CLIPRET_GPU_DECODE`` force it; ``decode_side`` None, a full exact decode, keeps PIL).
+    """
+    device = torch.device(device)
+    if not batches:
+        return
+    cuda = device.type == "cuda"
+    pil = ImageFolderDataset(folder, ids, transform, decode_side=decode_side)
+    plan = device_decode_plan(transform, device, exact=decode_side is None, choice=gpu_decode)
+    loader = DataLoader(
+        EncodedImages(pil) if plan is not None else pil,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_encoded if plan is not None else collate,
+        pin_memory=cuda and plan is None,  # page-locked batches: their copies to the device run asynchronously
+        prefetch_factor=CUDA_PREFETCH if cuda and workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # keep the global RNG untouched (resume exactness)
+    )
+    for batch in loader:
+        if plan is not None:
+            yield plan.finish(batch, device, fallback=pil.__getitem__)
+        else:
+            images = batch["images"]
+            yield {**batch, "images": images.to(device, non_blocking=True) if images is not None else None}
 
 
 def encode_batch(encoder: nn.Module, images: torch.Tensor, device: Any, amp: Any) -> torch.Tensor:

@@ -18,8 +18,6 @@ __all__ = ["Encoder"]
 PathLike = str | os.PathLike[str]
 
 
-
-
 class Encoder:
     """A model that turns images into (N, D) float32 L2-normalised rows.
 
@@ -79,22 +77,26 @@ class Encoder:
         """Every image under ``folder``, in id order, as ``clipret embed`` makes them (bad files skipped
         and listed in ``.skipped``). With ``out`` (a .npy path) the file and its manifest are written too.
 
-        ``options``: batch_size, workers, strict, resume, overwrite, shard_size, dba, exact_decode.
+        ``folder`` may be a dataset CSV (``path,label,split[,is_query,is_gallery]``): its gallery
+        rows, or ``rows="query"`` (``validation``, ``train``, ``all``). ``options``: batch_size,
+        workers, strict, resume, overwrite, shard_size, dba, exact_decode, rows. ``progress(stage,
+        done, total)`` is called with stage ``"embed"`` (under torchrun: this rank's share).
         """
         from clipret.embedding.folder import embed_folder
 
-        total = [0]
         advance: list[Any] = [None]
 
         def on_start(n: int) -> None:  # the count is known once the folder is listed
-            total[0] = n
             advance[0] = stage_counter(progress, "embed", n)
+            if progress is not None:
+                progress("embed", 0, n)
 
         def on_batch(n: int) -> None:
             advance[0](n)
 
         return embed_folder(folder, self.model, self.pretrained, out=out, tta=tta, device=self.device, amp=self.amp,
-                            on_start=on_start, on_batch=on_batch if progress is not None else None, **options)
+                            on_start=on_start, on_batch=on_batch if progress is not None else None,
+                            opened=(self.module, self.spec, self.fingerprint), **options)
 
     def _flags(self, tta: str | None) -> dict[str, Any]:
         return {"model": self.model, "pretrained": self.spec.pretrained, "pool": self.spec.pool,

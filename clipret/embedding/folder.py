@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from clipret import runtime
 from clipret.artifacts import Embeddings
@@ -41,6 +42,8 @@ def embed_folder(
     exact_decode: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    opened: tuple[Any, Any, str] | None = None,
+    rows: str | None = None,
 ) -> Embeddings:
     """List, decode and embed every image under ``folder`` with ``model``.
 
@@ -68,10 +71,15 @@ def embed_folder(
     other ranks return the rows they embedded (no DBA); without ``out`` every rank returns
     the whole result (gathered in memory: each rank takes one contiguous block of ids).
     ``on_start(n)`` gets the number of images this rank will handle.
+
+    ``folder`` may be a dataset CSV: its ``rows`` (``gallery``, ``query``, ``validation``,
+    ``train`` or ``all``; default ``gallery``) are embedded, ids relative to the CSV's folder.
+    ``opened``: the model already opened on this rank, (module, spec, fingerprint) as
+    :func:`clipret.model.build.open_encoder` returns it (an :class:`~clipret.Encoder`'s).
     """
     dev = runtime.resolve_device(device)  # under torchrun: this rank's own GPU
     with groups.process_group(dev), groups.work_group() as group, tf32_matmuls(dev):
         return run(folder, model, pretrained, out=Path(out) if out is not None else None, shard_size=shard_size,
                    resume=resume, overwrite=overwrite, batch_size=batch_size, workers=workers, device=dev, amp=amp,
                    strict=strict, tta=parse_tta(tta), dba=dba, exact_decode=exact_decode, on_start=on_start,
-                   on_batch=on_batch, group=group)
+                   on_batch=on_batch, group=group, opened=opened, rows=rows)

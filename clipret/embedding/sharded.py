@@ -32,7 +32,7 @@ import torch
 from clipret import artifacts, runtime
 from clipret.artifacts import Embeddings
 from clipret.data.decode import decode_side_for
-from clipret.data.layout import scan_images
+from clipret.data.sources import image_root, list_images_of
 from clipret.data.validate import check_images
 from clipret.embedding.batches import default_batch_size, embed_shards
 from clipret.embedding.parts import discard_parts, load_shard, prepare_parts, reusable_shard, shard_path
@@ -69,12 +69,13 @@ class Job:
 def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | None, shard_size: int | None, resume: bool,
         overwrite: bool, batch_size: int | None, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None,
         dba: int, exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
-        group: Any) -> Embeddings:
+        group: Any, opened: tuple[Any, Any, str] | None = None, rows: str | None = None) -> Embeddings:
     """See :func:`clipret.embedding.folder.embed_folder`; ``group`` is :func:`clipret.parallel.groups.work_group`'s."""
     rank, world = groups.rank_and_world(group)
     autocast = runtime.resolve_amp(amp, device)
-    ids, unlisted = groups.from_main(lambda: list_folder(folder, strict, workers), group)
-    encoder, spec, fingerprint = open_same_model(model, pretrained, group)
+    ids, unlisted = groups.from_main(lambda: list_folder(folder, strict, workers, rows), group)
+    folder = image_root(folder)
+    encoder, spec, fingerprint = open_same_model(model, pretrained, group, opened)
     settings = {"shard_size": shard_size, "batch_size": batch_size, "tta": tta, "exact_decode": bool(exact_decode),
                 "amp": AMP_NAMES[autocast], "device": device.type}
     parts, size, batch_size = plan_shards(out, ids, int(encoder.embed_dim), fingerprint, settings, device, resume=resume,
@@ -101,17 +102,23 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     return merge_shards(job, shards, flags, dba, out)
 
 
-def list_folder(folder: str | Path, strict: bool, workers: int | None) -> tuple[list[str], list[dict[str, str]]]:
-    """The image ids under ``folder`` and the files that are not images; with ``strict``, every image checked."""
-    ids, unlisted = scan_images(folder)
+def list_folder(folder: str | Path, strict: bool, workers: int | None,
+                rows: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
+    """The image ids under ``folder`` and the files that are not images; with ``strict``, every image checked.
+
+    ``folder`` may be a dataset CSV (:mod:`clipret.data.dataset_csv`): its ``rows`` (default
+    ``gallery``), ids relative to the CSV's folder."""
+    ids, unlisted = list_images_of(folder, rows)
     if strict:
-        check_all(folder, ids, unlisted, workers)
+        check_all(image_root(folder), ids, unlisted, workers)
     return ids, unlisted
 
 
-def open_same_model(model: str, pretrained: str | None, group: Any) -> tuple[Any, Any, str]:
-    """:func:`clipret.model.build.open_encoder` on every rank; the ranks must open the same model."""
-    encoder, spec, fingerprint = open_encoder(model, pretrained)
+def open_same_model(model: str, pretrained: str | None, group: Any,
+                    opened: tuple[Any, Any, str] | None = None) -> tuple[Any, Any, str]:
+    """:func:`clipret.model.build.open_encoder` on every rank (or the model each rank already
+    ``opened``: (module, spec, fingerprint)); the ranks must open the same model."""
+    encoder, spec, fingerprint = opened if opened is not None else open_encoder(model, pretrained)
     if len(set(groups.gather(fingerprint, group))) > 1:
         groups.fail_together(f"the ranks opened different models for {model} (different files on different nodes?); "
                              "give every node the same model folder and weights", group)

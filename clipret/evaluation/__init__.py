@@ -45,12 +45,15 @@ def evaluate_results(
     ks: Sequence[int],
     *,
     exclude: np.ndarray | None = None,
-) -> dict[str, float]:
+    return_per_query: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
     """Score top-k lists. ``gallery_ids`` is the whole gallery (R is counted over it).
 
     ``exclude`` (Q,) int64, in the results' query order: the gallery row of
     each query's own item, or -1 (:mod:`clipret.retrieval.selfmatch`). It is
     taken out of the query's list (if it is there) and out of its R.
+    ``return_per_query``: also return the (Q,) per-query values
+    (:func:`clipret.metrics.evaluate_topk`), in the results' query order.
     """
     query_ids = [str(r["filename"]) for r in results]
     position = {g: i for i, g in enumerate(gallery_ids)}
@@ -65,7 +68,7 @@ def evaluate_results(
     ks = _check_ks(ks, width)
     ranked = np.array([row[:width] for row in lists], dtype=np.int64)
     q_codes, g_codes = label_codes(query_ids, gallery_ids, labels)
-    return metrics.evaluate_topk(q_codes, g_codes, ranked, ks, exclude=own)
+    return metrics.evaluate_topk(q_codes, g_codes, ranked, ks, exclude=own, return_per_query=return_per_query)
 
 
 def label_codes(query_ids: Sequence[str], gallery_ids: Sequence[str], labels: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +96,8 @@ def evaluate_embeddings(
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
+    return_per_query: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
     """Score the full ranking of every query over the whole gallery.
 
     The default ranking is by cosine similarity (``query @ gallery.T``, the
@@ -106,7 +110,8 @@ def evaluate_embeddings(
     Ties rank the lower gallery index first, as in ``clipret query``. Returns
     recall@k, precision@k, map@k per k (ks above G are dropped), n_queries,
     n_queries_without_relevant (R == 0, excluded from the means), map, map@r
-    and r_precision.
+    and r_precision; with ``return_per_query``, also the (Q,) per-query values
+    (:func:`clipret.evaluation.stream.evaluate_scores`).
     """
     ks = _check_ks(ks, len(gallery))
     q_codes, g_codes = label_codes(query.ids, gallery.ids, labels)
@@ -114,7 +119,7 @@ def evaluate_embeddings(
     if score_fn is None:
         score_fn = matmul_scores(query.vectors, gallery.vectors, rows)
     return evaluate_scores(score_chunks(score_fn, q_codes, rows), g_codes, ks, exclude=exclude, workers=workers,
-                           on_progress=on_progress)
+                           on_progress=on_progress, return_per_query=return_per_query)
 
 
 def _check_ks(ks: Sequence[int], width: int) -> list[int]:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from clipret.evaluation.ranks import RankCounter
-from clipret.metrics import per_query_metrics, summarize
+from clipret.metrics import first_hit_rank, per_query_metrics, summarize
 from clipret.retrieval.scores import ScoreFn
 from clipret.runtime import available_cpus
 
@@ -50,7 +50,8 @@ def evaluate_scores(
     exclude: np.ndarray | None = None,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
+    return_per_query: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
     """Full-ranking metrics from score blocks, one chunk of queries at a time.
 
     chunks: (scores (n, G) float32/float64, higher is better, finite;
@@ -66,6 +67,8 @@ def evaluate_scores(
 
     Returns what :func:`clipret.metrics.evaluate_full` returns for the same
     ranking (ties -> lower gallery index), without ever sorting a row.
+    ``return_per_query``: return ``(summary, per_query)``, the (Q,) values the means are taken
+    over plus ``n_relevant`` and ``first_hit_rank``, as :func:`clipret.metrics.evaluate_topk` does.
     """
     gallery_codes = np.asarray(gallery_codes)
     if gallery_codes.ndim != 1 or gallery_codes.size == 0 or gallery_codes.dtype.kind not in "iu" or gallery_codes.min() < 0:
@@ -123,14 +126,21 @@ def evaluate_scores(
     if not values:
         raise ValueError("no query to evaluate")
     merged = {name: np.concatenate([v[name] for v in values]) for name in values[0]}
-    return summarize(merged, np.concatenate(n_relevant))
+    first = merged.pop("first_hit_rank")
+    summary = summarize(merged, np.concatenate(n_relevant))
+    if not return_per_query:
+        return summary
+    return summary, {**merged, "n_relevant": np.concatenate(n_relevant), "first_hit_rank": first}
 
 
 def _per_query(ranks: list[np.ndarray], r: list[int], ks: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     n_rel = np.asarray(r, dtype=np.int64)
     offsets = np.zeros(n_rel.size + 1, dtype=np.int64)
     np.cumsum(n_rel, out=offsets[1:])
-    return per_query_metrics(np.concatenate(ranks), offsets, n_rel, ks, full=True), n_rel
+    hits = np.concatenate(ranks)
+    values = per_query_metrics(hits, offsets, n_rel, ks, full=True)
+    values["first_hit_rank"] = first_hit_rank(hits, offsets)  # int64; taken out before the means
+    return values, n_rel
 
 
 class _Members:

@@ -25,7 +25,7 @@ matrices to them, and :mod:`clipret.evaluation` feeds them ranks counted
 straight from score rows (no sorting of a whole gallery).
 """
 
-from clipret.metrics.from_ranks import check_hit_ranks, per_query_metrics, summarize
+from clipret.metrics.from_ranks import check_hit_ranks, first_hit_rank, per_query_metrics, summarize
 from clipret.metrics.relevance import (
     count_relevant,
     encode_labels,
@@ -55,6 +55,7 @@ __all__ = [
     "evaluate_topk",
     "evaluate_full",
     "check_hit_ranks",
+    "first_hit_rank",
     "per_query_metrics",
     "summarize",
 ]

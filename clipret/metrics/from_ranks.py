@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["check_hit_ranks", "per_query_metrics", "summarize"]
+__all__ = ["check_hit_ranks", "first_hit_rank", "per_query_metrics", "summarize"]
 
 
 def check_hit_ranks(ranks: np.ndarray, offsets: np.ndarray, n_relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,6 +97,15 @@ def per_query_metrics(
         out["map"] = np.bincount(owner, weights=precision_at_hit, minlength=n_q) / safe_r
     out["map@r"] = sum_prec(n_relevant) / safe_r
     out["r_precision"] = hits(n_relevant) / safe_r
+    return out
+
+
+def first_hit_rank(ranks: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(Q,) int64: the 1-based rank of each query's first relevant item in its list, 0 when it has none."""
+    ranks, offsets = np.asarray(ranks, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    has = np.diff(offsets) > 0
+    out = np.zeros(has.size, dtype=np.int64)
+    out[has] = ranks[offsets[:-1][has]]
     return out
 
 

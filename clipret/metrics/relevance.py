@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipret.metrics.from_ranks import per_query_metrics, summarize
+from clipret.metrics.from_ranks import first_hit_rank, per_query_metrics, summarize
 
 __all__ = [
     "recall_at_k",
@@ -169,7 +169,7 @@ def count_relevant(query_labels, gallery_labels) -> np.ndarray:
 
 
 def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks, *,
-                  exclude: np.ndarray | None = None) -> dict[str, float]:
+                  exclude: np.ndarray | None = None, return_per_query: bool = False):
     """Metrics for top-K lists (e.g. results.json) against the full gallery labels.
 
     query_labels (Q,), gallery_labels (G,), ranked_indices (Q, K) ints, ks:
@@ -180,6 +180,9 @@ def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks, 
     ``n_queries_without_relevant`` (R == 0, excluded from the means).
     ``map@r`` and ``r_precision`` are added only when K >= max R; ``map`` only
     when every list contains all R relevant items of its query (else unknown).
+    ``return_per_query``: return ``(summary, per_query)``, where ``per_query`` holds the (Q,)
+    values the means are taken over (the same names, float64), plus ``n_relevant`` and
+    ``first_hit_rank`` (1-based, 0 when the list holds no relevant item), both int64.
     """
     relevance = rank_relevance(query_labels, gallery_labels, ranked_indices)
     n_relevant = count_relevant(query_labels, gallery_labels)
@@ -191,7 +194,7 @@ def evaluate_topk(query_labels, gallery_labels, ranked_indices: np.ndarray, ks, 
             raise ValueError("a query's own item is in its ranked list; remove it before scoring")
         q_l, g_l = np.asarray(query_labels), np.asarray(gallery_labels)
         n_relevant = n_relevant - ((own >= 0) & (g_l[np.maximum(own, 0)] == q_l))
-    return _evaluate(relevance, n_relevant, ks)
+    return _evaluate(relevance, n_relevant, ks, return_per_query=return_per_query)
 
 
 def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) -> dict[str, float]:
@@ -207,12 +210,12 @@ def evaluate_full(query_labels, gallery_labels, ranked_indices: np.ndarray, ks) 
     return _evaluate(relevance, count_relevant(query_labels, gallery_labels), ks, full=True)
 
 
-def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks, *, full: bool | None = None) -> dict[str, float]:
+def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks, *, full: bool | None = None, return_per_query: bool = False):
     """The body both ``evaluate_*`` share: (Q, K) bool relevance and (Q,) R -> the summary.
 
     ``full``: whether every list holds all R relevant items of its query (``map`` is then
     known); None decides from the lists. ``map@r`` and ``r_precision`` are left out when some
-    R exceeds K (they need the top R).
+    R exceeds K (they need the top R). ``return_per_query``: see :func:`evaluate_topk`.
     """
     ks = [int(k) for k in ks]
     for k in ks:
@@ -223,4 +226,7 @@ def _evaluate(relevance: np.ndarray, n_relevant: np.ndarray, ks, *, full: bool |
     values = per_query_metrics(ranks, offsets, n_relevant, ks, full=full)
     if n_relevant.size and n_relevant.max() > relevance.shape[1]:
         del values["map@r"], values["r_precision"]
-    return summarize(values, n_relevant)
+    summary = summarize(values, n_relevant)
+    if not return_per_query:
+        return summary
+    return summary, {**values, "n_relevant": n_relevant, "first_hit_rank": first_hit_rank(ranks, offsets)}

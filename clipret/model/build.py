@@ -186,10 +186,10 @@ def open_encoder(model: str, pretrained: str | None = None) -> tuple[nn.Module, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # with --pretrained none, the same random weights every time
         encoder = create_encoder(spec).eval()
-    return encoder, spec, _zero_shot_fingerprint(spec)
+    return encoder, spec, zero_shot_fingerprint(spec)
 
 
-def _zero_shot_fingerprint(spec: ModelSpec) -> str:
+def zero_shot_fingerprint(spec: ModelSpec) -> str:
     src = spec.pretrained
     local = backbone.local_weights_path(src)  # PATH or TAG=PATH: the file's content, not its name
     if local is not None:

@@ -1,9 +1,7 @@
 """A gallery to search: embeddings (``g.npy``) or a FAISS index pair (``g.faiss``), behind one type.
 
-:func:`open_gallery` reads either; :func:`prepare_search` turns a gallery and
-the post-processing :class:`~clipret.retrieval.pipeline.Stages` into what
-the pipeline needs: the vectors (DBA applied when asked), a searcher, and the
-re-ranking neighbour graph (cached beside a ``.npy`` gallery).
+:func:`open_gallery` reads either; :meth:`Gallery.build` writes an index pair from embeddings;
+:func:`clipret.retrieval.prepare.prepare_search` readies one for a search with given stages.
 """
 
 from __future__ import annotations
@@ -16,12 +14,9 @@ from typing import Any
 import numpy as np
 
 from clipret.errors import ClipretError
-from clipret.progress import StageProgress, stage_counter
-from clipret.retrieval.pipeline import Stages, apply_dba, default_searcher
-from clipret.retrieval.rerank import GalleryGraph
-from clipret.retrieval.search import Searcher
+from clipret.progress import StageProgress
 
-__all__ = ["Gallery", "SearchSetup", "open_gallery", "prepare_search", "read_gallery_flags", "read_gallery_ids"]
+__all__ = ["Gallery", "open_gallery", "read_gallery_flags", "read_gallery_ids"]
 
 
 @dataclass
@@ -42,6 +37,7 @@ class Gallery:
     content: str | None = None  # content_hash of the vectors, from the manifest (computed when needed otherwise)
     root: Path | None = None  # the folder the ids are relative to, when the manifest records it
     dim_: int = 0
+    search_params: dict[str, int | None] = field(default_factory=dict, repr=False)  # an index's nprobe, ef_search
 
     @property
     def dim(self) -> int:
@@ -56,19 +52,60 @@ class Gallery:
         """Open ``g.npy`` (with its manifest) or ``g.faiss`` (with its sidecar); see :func:`open_gallery`."""
         return open_gallery(path, nprobe=nprobe, ef_search=ef_search)
 
-    def add(self, embeddings: Any, *, allow_mismatch: bool = False) -> Gallery:
+    @classmethod
+    def build(cls, inputs: Any, out: str | os.PathLike[str], *, type: str = "auto", max_memory: int | str | None = None,
+              seed: int = 0, allow_mismatch: bool = False, progress: StageProgress | None = None,
+              warnings: list[str] | None = None, on_plan: Any = None, **params: int | None) -> Gallery:
+        """Build a FAISS index pair at ``out`` (``.faiss`` and its ``.json`` sidecar) and open it.
+
+        ``inputs``: ``.npy`` files or folders of them, or :class:`~clipret.artifacts.Embeddings`, in
+        id order. ``type``: auto, flat, hnsw, ivf or ivfpq; auto picks the best expected recall
+        within ``max_memory`` (bytes, or "4GB"). ``params``: nlist, m, nbits, ef_construction,
+        ef_search, nprobe (None = default). The same ``seed`` gives a byte-identical index.
+        ``warnings`` (a list) collects one-line notes; ``on_plan(plan, n, dim)`` is told the
+        choice before the work starts. Needs faiss (``pip install 'clipret[faiss]'``).
+        """
+        from clipret.retrieval.index import build_index, parse_size
+
+        unknown = sorted(set(params) - {"nlist", "m", "nbits", "ef_construction", "ef_search", "nprobe"})
+        if unknown:
+            raise ClipretError(f"unknown index parameter {unknown[0]!r}; use nlist, m, nbits, ef_construction, ef_search or nprobe")
+        if Path(out).suffix == ".npy" or any(isinstance(p, (str, os.PathLike)) and Path(out).resolve() == Path(p).resolve()
+                                             for p in (inputs if isinstance(inputs, (list, tuple)) else [inputs])):
+            raise ClipretError(f"--out {out} would overwrite embeddings; write the index to a .faiss file")
+        budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+        build_index(inputs if isinstance(inputs, (list, tuple)) else [inputs], out, kind=type, params=params,
+                    max_memory=budget, seed=seed, allow_mismatch=allow_mismatch, on_plan=on_plan,
+                    on_progress=progress or (lambda stage, done, total: None),
+                    on_warning=warnings.append if warnings is not None else None)
+        return open_gallery(out)
+
+    @staticmethod
+    def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """An index pair's type, count, dim, file size, fingerprint, flags, parameters, removed rows
+        and checksum, from its sidecar (the vectors are not read)."""
+        from clipret.retrieval.index import index_info
+
+        return index_info(path)
+
+    def add(self, embeddings: Any, *, allow_mismatch: bool = False, progress: StageProgress | None = None,
+            warnings: list[str] | None = None) -> Gallery:
         """Append :class:`~clipret.artifacts.Embeddings` ((N, D) float32 unit rows); returns self.
 
         Refused in one line: another dim, another model (unless ``allow_mismatch``), or an id already here.
+        On an index, ``embeddings`` may also be ``.npy`` paths or folders (a list), added in place.
         """
-        from clipret.retrieval.compat import check_compatible
-
-        check_compatible(embeddings, self, allow_mismatch=allow_mismatch)
         if self.index is not None:
             from clipret.retrieval.index import add_to_index
 
-            add_to_index(self.path, [embeddings], allow_mismatch=allow_mismatch)
-            return self._reopen()
+            batch = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
+            meta = add_to_index(self.path, batch, allow_mismatch=allow_mismatch,
+                                on_progress=progress or (lambda stage, done, total: None),
+                                on_warning=warnings.append if warnings is not None else None)
+            return self._changed_index(meta)
+        from clipret.retrieval.compat import check_compatible
+
+        check_compatible(embeddings, self, allow_mismatch=allow_mismatch)
         present = set(self.ids)
         clash = [i for i in embeddings.ids if i in present]
         if clash:
@@ -79,17 +116,23 @@ class Gallery:
         self.content = None  # the rows changed: hashed anew when a cache needs it
         return self
 
-    def remove(self, ids: Any) -> Gallery:
-        """Drop the rows of ``ids`` (an id not here is a one-line error); returns self."""
+    def remove(self, ids: Any, *, missing_ok: bool = False, warnings: list[str] | None = None) -> Gallery:
+        """Drop the rows of ``ids``; returns self. An id not here is a one-line error, or with
+        ``missing_ok`` a note in ``warnings`` (a list)."""
         ids = [str(i) for i in ids]
-        missing = sorted(set(ids) - set(self.ids))
+        missing = [i for i in dict.fromkeys(ids) if i not in set(self.ids)]
         if missing:
-            raise ClipretError(f"{len(missing)} id(s) are not in the gallery ({', '.join(missing[:3])})")
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            if not missing_ok:
+                raise ClipretError(f"{len(missing)} id(s) are not in the gallery ({shown})")
+            if warnings is not None:
+                warnings.append(f"{len(missing)} id(s) are not in the {'index' if self.index is not None else 'gallery'} "
+                                f"and were ignored: {shown}")
         if self.index is not None:
             from clipret.retrieval.index import remove_from_index
 
-            remove_from_index(self.path, ids)
-            return self._reopen()
+            meta, _ = remove_from_index(self.path, ids)
+            return self._changed_index(meta)
         gone = set(ids)
         keep = np.array([i not in gone for i in self.ids], dtype=bool)
         assert self.vectors is not None
@@ -119,14 +162,36 @@ class Gallery:
         self.path, self.content = target, None  # hashed anew when a cache needs it
         return target
 
-    def _reopen(self) -> Gallery:
-        fresh = open_gallery(self.path)
-        self.__dict__.update(fresh.__dict__)
+    def _changed_index(self, meta: dict[str, Any]) -> Gallery:
+        """After an in-place add/remove: the new sidecar's ids and identity; the index itself is
+        opened again only when a search needs it (a large one takes a while to read)."""
+        self.ids, self.fingerprint, self.flags = list(meta["ids"]), meta.get("model_fingerprint"), meta.get("flags") or {}
+        root, content = meta.get("root"), meta.get("content_blake2b")
+        self.root = Path(root) if isinstance(root, str) else None
+        self.content = content if isinstance(content, str) else None
+        self.index = _DeferredIndex(Path(self.path), meta, self.search_params)
         return self
 
 
+class _DeferredIndex:
+    """An index pair opened on first use; ``meta`` (the sidecar) is at hand before that."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], search_params: dict[str, int | None]) -> None:
+        self.path, self.meta, self._params, self._opened = path, meta, search_params, None
+
+    def __getattr__(self, name: str) -> Any:  # searcher, ids, dim, ...: open it now
+        if name.startswith("__") or name == "_opened":
+            raise AttributeError(name)
+        if self._opened is None:
+            from clipret.retrieval.index import open_index
+
+            self._opened = open_index(self.path, **self._params)
+        return getattr(self._opened, name)
+
+
 def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_search: int | None = None) -> Gallery:
-    """Open ``g.npy`` (with its manifest) or ``g.faiss`` (with its sidecar); ClipretError if empty or unreadable."""
+    """Open ``g.npy`` (with its manifest) or ``g.faiss`` (with its sidecar); ClipretError if unreadable.
+    (An empty one opens, so that it can be added to; searching it is refused.)"""
     from clipret.retrieval.index import is_index_path
 
     path = Path(path)
@@ -137,7 +202,8 @@ def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_
         root, content = idx.meta.get("root"), idx.meta.get("content_blake2b")
         gal = Gallery(list(idx.ids), idx.fingerprint, idx.flags, path, index=idx, dim_=idx.dim,
                       root=Path(root) if isinstance(root, str) else None,
-                      content=content if isinstance(content, str) else None)
+                      content=content if isinstance(content, str) else None,
+                      search_params={"nprobe": nprobe, "ef_search": ef_search})
     else:
         if nprobe is not None or ef_search is not None:
             raise ClipretError("--nprobe and --ef-search tune an index; the gallery here is a .npy (exact search)")
@@ -146,8 +212,6 @@ def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_
         emb = load_embeddings(path)
         gal = Gallery(emb.ids, emb.fingerprint, emb.flags, path, vectors=emb.vectors, content=emb.content, root=emb.root,
                       dim_=emb.dim)
-    if len(gal) == 0:
-        raise ClipretError(f"the gallery {path} holds no embeddings; embed a folder with images first")
     return gal
 
 
@@ -164,29 +228,6 @@ def read_gallery_ids(path: str | os.PathLike[str]) -> list[str]:
     return load_embeddings(path, check_finite=False).ids
 
 
-class IndexRows:
-    """An index's vectors as a read-only (G, D) array-like: ``rows[idx]`` reconstructs only those rows.
-
-    Query expansion reads just each query's N neighbours, so a 10M-vector
-    IVF-PQ index never has all its vectors decoded into memory (10M x 256
-    float32 would be 10 GB).
-    """
-
-    ndim = 2
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, searcher: Any, count: int) -> None:
-        self._searcher = searcher
-        self.shape = (int(count), int(searcher.dim))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
-        return self._searcher.vectors(rows.ravel()).reshape(*rows.shape, self.shape[1])
-
-
 def read_gallery_flags(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The embedding flags (model, pretrained, tta, ...) a ``.npy`` manifest or an index sidecar records; reads no vectors."""
     from clipret.retrieval.index import is_index_path
@@ -198,100 +239,3 @@ def read_gallery_flags(path: str | os.PathLike[str]) -> dict[str, Any]:
     from clipret.artifacts import load_embeddings
 
     return dict(load_embeddings(path, check_finite=False).flags)
-
-
-@dataclass
-class SearchSetup:
-    """What the pipeline needs: (G, D) vectors (post-DBA), a searcher over them, a re-ranking graph or None.
-
-    ``vectors`` is an array, None (an index searched with no stage that reads
-    vectors), or :class:`IndexRows` (an index under QE alone).
-    """
-
-    vectors: np.ndarray | IndexRows | None
-    searcher: Searcher
-    graph: GalleryGraph | None
-    notes: list[str]
-
-
-def prepare_search(
-    gallery: Gallery,
-    stages: Stages,
-    *,
-    cache: bool = True,
-    on_progress: StageProgress | None = None,
-) -> SearchSetup:
-    """Resolve vectors, searcher and the re-ranking graph for ``stages`` over ``gallery``.
-
-    DBA is refused when the gallery already had it at embed time (it would be
-    applied twice), and on an index (the index holds the original vectors:
-    apply DBA with ``clipret embed --dba N`` before building it). The
-    re-ranking graph of a ``.npy`` gallery is cached beside it
-    (``g.npy.knn.npz``), keyed by a hash of every byte of the array (the
-    manifest's, else computed) and the DBA setting; ``on_progress(stage, done, total)`` reports long steps.
-    ``notes`` collects one-line remarks for the user.
-    """
-    notes: list[str] = []
-    if stages.dba and gallery.flags.get("dba"):
-        raise ClipretError(f"{gallery.path} was embedded with --dba {gallery.flags['dba']} already; "
-                           "drop --dba here (DBA applied twice blurs the gallery)")
-    if gallery.index is not None:
-        if stages.dba:
-            raise ClipretError("--dba cannot be applied to an index, which holds the original vectors; embed the "
-                               "gallery with `clipret embed --dba N`, then build the index from that")
-        searcher = gallery.index.searcher
-        vectors: Any = None
-        if stages.qe or stages.rerank:
-            if not searcher.vectors_exact:
-                notes.append(f"the {gallery.index.meta['type']} index stores compressed vectors: query expansion and "
-                             "re-ranking use their reconstructions, an approximation")
-            # re-ranking reads every gallery vector; QE alone only its Q x N neighbours, reconstructed on demand
-            vectors = searcher.vectors(np.arange(len(gallery))) if stages.rerank else IndexRows(searcher, len(gallery))
-        return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, searcher, cache=False, notes=notes,
-                                                     on_progress=on_progress), notes)
-    vectors = gallery.vectors
-    assert vectors is not None
-    if stages.dba:
-        vectors = apply_dba(vectors, stages.dba, on_progress=stage_counter(on_progress, "dba", len(gallery)))
-    searcher = default_searcher(vectors)
-    return SearchSetup(vectors, searcher, _graph(gallery, vectors, stages, None, cache=cache, notes=notes,
-                                                 on_progress=on_progress), notes)
-
-
-def gallery_hash(gallery: Gallery) -> str:
-    """:func:`~clipret.artifacts.content_hash` of the gallery's vectors: the manifest's, or computed once."""
-    if gallery.content is None:
-        from clipret.artifacts import content_hash
-
-        assert gallery.vectors is not None
-        gallery.content = content_hash(gallery.vectors)
-    return gallery.content
-
-
-def _graph(gallery: Gallery, vectors: np.ndarray | None, stages: Stages, searcher: Searcher | None, *, cache: bool,
-           notes: list[str], on_progress: StageProgress | None) -> GalleryGraph | None:
-    """The gallery's k-nearest-gallery lists for re-ranking: from the cache when it matches, else built."""
-    if not stages.rerank or vectors is None:
-        return None
-    from clipret.artifacts.neighbors import load_gallery_graph, neighbors_path, save_gallery_graph
-    from clipret.retrieval.rerank.graph import EXACT, build_gallery_graph, graph_neighbors
-
-    m = graph_neighbors(stages.k1, stages.k2)
-    method = EXACT if searcher is None else type(searcher).__name__
-    path = neighbors_path(gallery.path) if cache and gallery.path is not None else None
-    key = f"{gallery_hash(gallery)}|dba={stages.dba}" if path is not None else ""
-    if path is not None:
-        graph = load_gallery_graph(path, key=key, count=len(vectors), dim=int(vectors.shape[1]), neighbors=m, method=method)
-        if graph is not None:
-            return graph
-    graph = build_gallery_graph(vectors, k1=stages.k1, k2=stages.k2, searcher=searcher,
-                                on_progress=stage_counter(on_progress, "gallery graph", len(vectors)))
-    if graph.filled:
-        notes.append(f"{graph.filled} of {len(vectors)} gallery items got fewer than {m} neighbours from the index; "
-                     "their re-ranking lists came from exact search (raise --nprobe or --ef-search)")
-    if path is not None:
-        try:
-            save_gallery_graph(path, graph, key=key)
-        except ClipretError as exc:  # a read-only gallery folder: work on without the cache
-            notes.append(f"could not cache the re-ranking graph ({exc})")
-    return graph

@@ -8,13 +8,14 @@ embedded, see :mod:`clipret.embedding.tta`):
 2. **QE** (query side): each query becomes the mean of itself and its top-N
    gallery neighbours, uniform or α-weighted
    (:func:`~clipret.retrieval.expansion.expand_queries`);
-3. **search**: exact (FAISS's kernel when installed, else numpy chunks) or an
-   index's own search;
+3. **search**: exact (blocked torch matmuls on a GPU when there is one, else
+   FAISS's kernel when installed, else numpy chunks; :func:`default_searcher`)
+   or an index's own search;
 4. **k-reciprocal re-ranking** (:mod:`clipret.retrieval.rerank`), whose
    score is ``1 - final distance``.
 
-Every stage is optional and works on arrays; nothing here imports torch or
-knows about the CLI. :func:`retrieve` gives top-k lists; :func:`score_function`
+Every stage is optional and works on arrays; nothing here imports torch (but
+the GPU searcher, on a machine with a GPU) or knows about the CLI. :func:`retrieve` gives top-k lists; :func:`score_function`
 gives (chunk, G) blocks of final scores for full-ranking evaluation.
 """
 
@@ -31,7 +32,7 @@ from clipret.retrieval.expansion import dba as dba_gallery
 from clipret.retrieval.expansion import expand_queries
 from clipret.retrieval.rerank import GalleryGraph, check_rerank_params, k_reciprocal_rerank, prepare_rerank
 from clipret.retrieval.scores import ScoreFn, matmul_scores, rerank_scores
-from clipret.retrieval.search import Searcher
+from clipret.retrieval.search import Searcher, TorchSearcher, search_device
 from clipret.retrieval.selfmatch import drop_rows
 
 __all__ = ["Stages", "retrieve", "score_function", "apply_dba", "default_searcher"]
@@ -81,7 +82,14 @@ class Stages:
 
 
 def default_searcher(gallery: np.ndarray) -> Searcher:
-    """Exact search over (G, D) ``gallery``: FAISS's kernel when installed, else numpy chunks."""
+    """Exact search over (G, D) ``gallery``, the same results wherever it runs: on a CUDA GPU as
+    blocked torch matmuls (:class:`~clipret.retrieval.search.TorchSearcher`) when
+    :func:`~clipret.retrieval.search.search_device` picks one (a GPU and G×D at least
+    ``AUTO_MIN_WORK``, or ``CLIPRET_SEARCH_DEVICE=cuda``); else FAISS's kernel when installed,
+    else numpy chunks. QE and DBA search through it too."""
+    device = search_device(gallery.shape[0] * gallery.shape[1])
+    if device != "cpu":
+        return TorchSearcher(gallery, device=device)
     from clipret.retrieval.index import exact_searcher
 
     return exact_searcher(gallery)

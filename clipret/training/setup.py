@@ -31,7 +31,7 @@ from clipret.artifacts.model import PENDING_NAME
 from clipret.config import TrainConfig
 from clipret.data.dataset import ImageFolderDataset
 from clipret.data.decode import decode_side_for
-from clipret.data.layout import training_set
+from clipret.data.layout import training_set, validation_ids
 from clipret.data.sampler import PKBatchSampler, resolve_p
 from clipret.data.transforms import AugmentConfig, resolve_augmentation, train_transform
 from clipret.data.validate import all_gray, check_images
@@ -137,7 +137,12 @@ def load_data(cfg: TrainConfig, workers: int | None, on_event: Event) -> TrainDa
         ids, class_of = [i for i, _ in kept], [c for _, c in kept]
         if len(set(class_of)) < 2:
             raise ClipretError(f"after excluding {len(bad)} unreadable images, fewer than 2 classes are left in {folder}")
-    train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
+    val_ids = validation_ids(cfg.root)  # a dataset CSV's validation rows; else --val-split of the folder
+    if val_ids is None:
+        train_idx, val_idx = stratified_split(class_of, cfg.val_split, cfg.seed)
+    else:
+        is_val = np.array([i in val_ids for i in ids], dtype=bool)
+        train_idx, val_idx = np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
     classes = sorted(set(class_of))
     index = {c: n for n, c in enumerate(classes)}
     train_labels = np.array([index[class_of[i]] for i in train_idx], dtype=np.int64)

@@ -12,68 +12,21 @@ holds it, :func:`build_gallery_graph` computes it once, and
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from clipret.retrieval.ranking import merge_topk, sort_neighbors
 from clipret.retrieval.rerank.knn import pad_groups
 from clipret.retrieval.rerank.selfknn import symmetric_knn
+from clipret.artifacts.neighbors import EXACT, GalleryGraph
 from clipret.retrieval.search import ExactSearcher, Searcher
 
-EXACT = "exact"
+__all__ = ["EXACT", "GalleryGraph", "build_gallery_graph", "graph_neighbors", "merge_queries"]
 
 
 def graph_neighbors(k1: int, k2: int) -> int:
     """Neighbours each item needs: its k-reciprocal list (k1 + 1, itself included) and its k2 list."""
     return max(k1 + 1, k2)
-
-
-@dataclass(frozen=True)
-class GalleryGraph:
-    """Each gallery item's nearest gallery items and its smallest similarity to any of them.
-
-    indices: (G, m) int64 gallery rows, best first by the ranking rule (the
-        item itself is normally first); m = min(neighbors needed, G).
-    scores: (G, m) float32 cosine similarities matching ``indices``.
-    min_scores: (G,) float32 each item's smallest similarity to any gallery
-        item (its largest squared distance is 2 - 2 * min_score).
-    dim: the embedding dimension the graph was built from.
-    method: ``"exact"`` for the built-in exact search, else the searcher's
-        class name (an approximate index gives an approximate graph).
-    filled: rows the searcher returned short (fewer than m neighbours), whose
-        lists came from exact search instead (not stored in the cache file).
-    """
-
-    indices: np.ndarray
-    scores: np.ndarray
-    min_scores: np.ndarray
-    dim: int
-    method: str = EXACT
-    filled: int = 0
-
-    @property
-    def count(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def neighbors(self) -> int:
-        return int(self.indices.shape[1])
-
-    def truncated(self, m: int) -> GalleryGraph:
-        """The same graph keeping only the first ``m`` neighbours (lists are sorted, so still exact)."""
-        m = min(m, self.count)
-        if m > self.neighbors:
-            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {m} needed")
-        return GalleryGraph(self.indices[:, :m], self.scores[:, :m], self.min_scores, self.dim, self.method, self.filled)
-
-    def check(self, gallery: np.ndarray, m: int) -> None:
-        """Raise ValueError unless this graph belongs to a gallery of this shape and holds ``m`` neighbours."""
-        g, d = gallery.shape
-        if self.count != g or self.dim != d:
-            raise ValueError(f"graph was built for a ({self.count}, {self.dim}) gallery, got {gallery.shape}")
-        if self.neighbors < min(m, g):
-            raise ValueError(f"graph holds {self.neighbors} neighbours per item, {min(m, g)} needed")
 
 
 def build_gallery_graph(
