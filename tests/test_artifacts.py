@@ -260,3 +260,14 @@ def test_atomic_writes_name_their_temp_files_so_they_can_be_told_apart(tmp_path)
     (tmp_path / seen[0]).write_text("as a killed writer leaves it")
     assert artifacts.remove_stale_temps(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_ids_digest_of_is_remembered_only_while_the_ids_list_is_the_same() -> None:
+    from clipret.artifacts.embeddings import Embeddings, ids_digest, ids_digest_of
+
+    emb = Embeddings(np.eye(3, dtype=np.float32), ["a", "b", "c"])
+    assert ids_digest_of(emb) == ids_digest(["a", "b", "c"])
+    emb.ids = ["a", "b", "d"]  # replaced: hashed again
+    assert ids_digest_of(emb) == ids_digest(["a", "b", "d"])
+    emb.ids.append("e")  # grown in place: the length differs, hashed again
+    assert ids_digest_of(emb) == ids_digest(["a", "b", "d", "e"])

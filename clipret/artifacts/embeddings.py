@@ -64,6 +64,18 @@ def ids_digest(ids: Sequence[str]) -> str:
     return sha256_text("\n".join(ids))
 
 
+def ids_digest_of(owner: Any) -> str:
+    """:func:`ids_digest` of ``owner.ids`` (an :class:`Embeddings` or a gallery), remembered on ``owner`` for as long
+    as ``owner.ids`` is the same list of the same length: a server describing its 1M-id gallery on every
+    request hashes it once. (Replace ``ids``, or change them through ``Gallery.add``/``remove``, never in place.)"""
+    ids = owner.ids
+    memo = getattr(owner, "_ids_digest_memo", None)
+    if memo is None or memo[0] is not ids or memo[1] != len(ids):
+        memo = (ids, len(ids), ids_digest(ids))
+        object.__setattr__(owner, "_ids_digest_memo", memo)
+    return memo[2]
+
+
 def manifest_path(npy_path: str | os.PathLike[str]) -> Path:
     """``gallery.npy`` -> ``gallery.json``."""
     return Path(npy_path).with_suffix(".json")

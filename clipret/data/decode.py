@@ -17,9 +17,11 @@ variable), not left to PIL's default.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -96,9 +98,22 @@ def load_rgb(path: str | os.PathLike[str], min_side: int | None = None) -> tuple
         return None, f"cannot stat file ({exc.strerror or exc})"
     if size == 0:
         return None, "empty file (0 bytes)"
+    return decode_rgb(path, min_side)
+
+
+def load_rgb_bytes(data: bytes, min_side: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """:func:`load_rgb` of an image file's bytes (an upload), with the same checks and reasons."""
+    if not data:
+        return None, "empty file (0 bytes)"
+    return decode_rgb(io.BytesIO(data), min_side)
+
+
+def decode_rgb(source: Path | BinaryIO, min_side: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """The decoding half of :func:`load_rgb`: ``source`` (a path or a binary file object) -> (RGB image, None),
+    or (None, reason). The decompression-bomb guard, ``draft`` for JPEGs, first frame, EXIF rotation."""
     opened = None
     try:
-        opened = img = Image.open(path)
+        opened = img = Image.open(source)
         # Our own check, before any pixel is decoded: PIL only *warns* between 1x and 2x the
         # limit, and turning that warning into an error with catch_warnings() is not
         # thread-safe (check_images decodes in threads).

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from clipret.artifacts import Embeddings, ids_digest
+from clipret.artifacts import Embeddings
+from clipret.artifacts.embeddings import ids_digest_of
 from clipret.errors import ClipretError
 
 
@@ -51,7 +52,7 @@ def describe(emb: Embeddings, source: str | Path | None = None, *, relative_to: 
         "root": str(root) if root is not None else None,
         "content_blake2b": getattr(emb, "content", None),
         "count": len(emb),
-        "ids_sha256": ids_digest(emb.ids),
+        "ids_sha256": ids_digest_of(emb),
         "fingerprint": emb.fingerprint,
         "flags": dict(emb.flags),
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,16 +29,14 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Any:
-    """Image file bytes -> an RGB PIL image, through :func:`~clipret.data.decode.load_rgb`; 400 ``bad_image`` with its reason."""
-    from clipret.data.decode import load_rgb
+    """Image file bytes -> an RGB PIL image, through :func:`~clipret.data.decode.load_rgb_bytes` (the checks and
+    reasons of every image clipret reads; decoded in memory); 400 ``bad_image`` with its reason."""
+    from clipret.data.decode import load_rgb_bytes
 
-    with tempfile.NamedTemporaryFile(prefix="clipret-upload-", suffix=".img") as fh:
-        fh.write(data)
-        fh.flush()
-        try:
-            img, reason = load_rgb(fh.name, min_side=min_side)
-        except Exception as exc:  # a hostile file can make a PIL plugin raise anything: still the upload's fault
-            img, reason = None, f"corrupt image ({type(exc).__name__}: {first_line(exc)})"
+    try:
+        img, reason = load_rgb_bytes(data, min_side=min_side)
+    except Exception as exc:  # a hostile file can make a PIL plugin raise anything: still the upload's fault
+        img, reason = None, f"corrupt image ({type(exc).__name__}: {first_line(exc)})"
     if img is None:
         raise RequestError(400, "bad_image", f"cannot read the image: {reason}")
     if max(img.size) > MAX_ASPECT * min(img.size):
