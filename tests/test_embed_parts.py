@@ -11,7 +11,8 @@ from clipret.embedding.parts import ROW_SETTINGS, parts_dir, prepare_parts
 from clipret.errors import ClipretError
 
 IDS = [f"{i:02d}.png" for i in range(10)]
-SETTINGS = {"shard_size": 4, "batch_size": 3, "tta": None, "exact_decode": False, "amp": "none", "device": "cpu"}
+SETTINGS = {"shard_size": 4, "batch_size": 3, "tta": None, "exact_decode": False, "amp": "none", "device": "cpu",
+            "decode": "pil"}
 AUTOMATIC = {"shard_size": 256, "batch_size": 64}
 
 
@@ -62,6 +63,7 @@ def test_a_new_run_replaces_a_parts_folder_without_finished_shards(tmp_path):
     ("device", "cuda", "made with --device cpu (now --device cuda)"),
     ("tta", "flip", "made with no --tta (now --tta flip)"),
     ("shard_size", 5, "made with --shard-size 4 (now --shard-size 5)"),
+    ("decode", "gpu", "made with --decode pil (now --decode gpu)"),
 ])
 def test_resume_refuses_a_changed_row_setting_by_name(tmp_path, name, value, said):
     out = interrupted(tmp_path)
@@ -91,3 +93,17 @@ def test_resume_refuses_parts_of_an_older_clipret_that_did_not_record_a_setting(
     run_json.write_text(json.dumps({k: v for k, v in json.loads(run_json.read_text()).items() if k != "exact_decode"}))
     with pytest.raises(ClipretError, match="an unrecorded --exact-decode"):
         prepare(out, resume=True)
+
+
+def test_parts_from_before_decode_was_recorded_resume_as_pil_only(tmp_path):
+    """Every run before --decode existed decoded with PIL: its parts resume under pil, not under gpu."""
+    out = interrupted(tmp_path)
+    run_json = parts_dir(out) / "run.json"
+    run_json.write_text(json.dumps({k: v for k, v in json.loads(run_json.read_text()).items() if k != "decode"}))
+    _, chosen = prepare(out, resume=True)
+    assert chosen["decode"] == "pil"
+    assert (parts_dir(out) / "shard-000000.json").read_text() == "finished"
+
+    run_json.write_text(json.dumps({k: v for k, v in json.loads(run_json.read_text()).items() if k != "decode"}))
+    with pytest.raises(ClipretError, match=r"made with --decode pil \(now --decode gpu\)"):
+        prepare(out, resume=True, decode="gpu")

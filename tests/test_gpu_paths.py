@@ -236,6 +236,56 @@ def test_device_path_embeddings_agree_with_pil_on_photos(tmp_path):
         assert np.einsum("nd,nd->n", dev[0], pil[0]).min() >= 0.999
 
 
+def test_embed_decode_flag_forces_either_path_and_the_resume_record_says_which(tmp_path, monkeypatch):
+    """``clipret embed --decode gpu|pil``: the device path runs only when asked (here on the CPU device), gives
+    the PIL path's ids and skips with a cosine >= 0.999, and an interrupted run's parts record the path taken."""
+    from conftest import invoke_cli
+
+    monkeypatch.delenv(gpu_decode.ENV, raising=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    write_bad_images(images)
+    for i in range(5):
+        _photo(160 + 20 * i, 120, 30 + i).save(images / f"photo_{i}.jpg", quality=90)
+    finished: list[int] = []
+    real_finish = DevicePlan.finish
+    monkeypatch.setattr(DevicePlan, "finish", lambda self, batch, *a, **kw: finished.append(1) or real_finish(self, batch, *a, **kw))
+    common = ["embed", images, "--model", TINY_VIT, "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+    invoke_cli(*common, "--out", tmp_path / "pil.npy", "--decode", "pil")
+    assert finished == []
+    invoke_cli(*common, "--out", tmp_path / "auto.npy")  # auto on the CPU device: PIL
+    assert finished == []
+    invoke_cli(*common, "--out", tmp_path / "gpu.npy", "--decode", "gpu")
+    assert finished  # the device path ran
+
+    import clipret
+
+    pil, gpu = clipret.Embeddings.load(tmp_path / "pil.npy"), clipret.Embeddings.load(tmp_path / "gpu.npy")
+    assert gpu.ids == pil.ids and [s["id"] for s in gpu.skipped] == [s["id"] for s in pil.skipped] and pil.skipped
+    assert np.einsum("nd,nd->n", gpu.vectors, pil.vectors).min() >= 0.999
+    np.testing.assert_array_equal(clipret.Embeddings.load(tmp_path / "auto.npy").vectors, pil.vectors)
+
+    # parts left by an interrupted --decode gpu run (its run.json as embed writes it) refuse --resume --decode pil
+    from clipret.embedding.parts import parts_dir, prepare_parts
+
+    out = tmp_path / "again.npy"
+    settings = {"shard_size": 4, "batch_size": 4, "tta": None, "exact_decode": False, "amp": "none", "device": "cpu"}
+    parts, _ = prepare_parts(out, sorted(gpu.ids + [s["id"] for s in gpu.skipped]), gpu.fingerprint,
+                             {**settings, "decode": "gpu"}, {}, resume=False)
+    (parts / "shard-000000.json").write_text("{}")
+    r = invoke_cli(*common, "--out", out, "--decode", "pil", "--shard-size", "4", "--resume", code=2)
+    assert "made with --decode gpu (now --decode pil)" in r.output
+    assert "another model" not in r.output and "other images" not in r.output  # nothing else differs
+    assert parts_dir(out).is_dir()  # nothing thrown away
+
+
+def test_embed_decode_flag_refuses_an_unknown_value(tmp_path):
+    from conftest import invoke_cli
+
+    r = invoke_cli("embed", tmp_path, "--model", TINY_VIT, "--decode", "nvjpeg", code=2)
+    assert "--decode takes auto, gpu, pil" in r.output and len(r.output.strip().splitlines()) == 1
+
+
 # --- where search runs -----------------------------------------------------------------------------
 
 

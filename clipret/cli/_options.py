@@ -92,6 +92,16 @@ KeepSelf = Annotated[
 ]
 Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default="the index's own")]
 EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default="the index's own")]
+Decode = Annotated[
+    str,
+    typer.Option(
+        "--decode",
+        help="How JPEGs are decoded: auto (on a CUDA device, nvJPEG on the GPU with resizing there, the loader "
+        "workers only reading bytes; else PIL in the workers), gpu, or pil. Other formats and files nvJPEG refuses "
+        "always go through PIL, and bad files are skipped and reported the same way. Also CLIPRET_GPU_DECODE=0/1.",
+        show_default=True,
+    ),
+]
 ExactDecode = Annotated[
     bool,
     typer.Option(

@@ -15,6 +15,7 @@ from clipret.cli._options import (
     Amp,
     Dba,
     Device,
+    Decode,
     ExactDecode,
     Pretrained,
     Tta,
@@ -90,7 +91,7 @@ def embed_command(
         help="Check every image first; if any cannot be read, name them and fail (exit 2) with nothing written.")] = False,
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run: re-embed only the shards not yet written (OUT.parts/). The model, images "
-             "and every setting that changes a row (--tta, --exact-decode, --batch-size, --amp, --device) must match; "
+             "and every setting that changes a row (--tta, --exact-decode, --decode, --batch-size, --amp, --device) must match; "
              "--batch-size and --shard-size left out take the interrupted run's.")] = False,
     overwrite: Annotated[bool, typer.Option(
         help="Discard the finished shards of an interrupted run (OUT.parts/) and start again.")] = False,
@@ -101,6 +102,7 @@ def embed_command(
     ] = None,
     tta: Tta = None,
     exact_decode: ExactDecode = False,
+    decode: Decode = "auto",
     dba: Dba = 0,
     rows: Rows = None,
 ) -> None:
@@ -131,6 +133,7 @@ def embed_command(
     from clipret import runtime
     from clipret.data.sources import check_source
     from clipret.embedding.encoder import Encoder
+    from clipret.embedding.gpu_decode import decode_choice
     from clipret.parallel.groups import PeerError
 
     if out.suffix != ".npy":
@@ -141,6 +144,7 @@ def embed_command(
         _fail(f"--batch-size must be positive, got {batch_size}")
     if dba < 0:
         _fail(f"--dba takes a number of neighbours (0 turns it off), got {dba}")
+    decode_choice(decode)  # an unknown --decode fails here, in one line
     if resume and overwrite:
         _fail("--resume continues an interrupted run and --overwrite discards it; pass one of them")
     check_source(folder)  # before the model loads
@@ -152,7 +156,7 @@ def embed_command(
             encoder = Encoder.load(model, pretrained, device=device, amp=amp)
             emb = encoder.embed_folder(folder, tta=tta, out=out, progress=progress, shard_size=shard_size, resume=resume,
                                        overwrite=overwrite, batch_size=batch_size, workers=workers, strict=strict,
-                                       exact_decode=exact_decode, dba=dba, rows=rows.value if rows is not None else None)
+                                       exact_decode=exact_decode, decode=decode, dba=dba, rows=rows.value if rows is not None else None)
     except PeerError:  # another rank failed and printed why
         _console.leave_group(2)
     except KeyboardInterrupt as stop:  # runtime.Interrupted: SIGINT or SIGTERM

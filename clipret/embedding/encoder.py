@@ -79,7 +79,7 @@ class Encoder:
 
         ``folder`` may be a dataset CSV (``path,label,split[,is_query,is_gallery]``): its gallery
         rows, or ``rows="query"`` (``validation``, ``train``, ``all``). ``options``: batch_size,
-        workers, strict, resume, overwrite, shard_size, dba, exact_decode, rows. ``progress(stage,
+        workers, strict, resume, overwrite, shard_size, dba, exact_decode, decode (``auto``, ``gpu``, ``pil``), rows. ``progress(stage,
         done, total)`` is called with stage ``"embed"`` (under torchrun: this rank's share).
         """
         from clipret.embedding.folder import embed_folder

@@ -44,6 +44,7 @@ def embed_folder(
     on_batch: Callable[[int], None] | None = None,
     opened: tuple[Any, Any, str] | None = None,
     rows: str | None = None,
+    decode: str = "auto",
 ) -> Embeddings:
     """List, decode and embed every image under ``folder`` with ``model``.
 
@@ -74,6 +75,9 @@ def embed_folder(
 
     ``folder`` may be a dataset CSV: its ``rows`` (``gallery``, ``query``, ``validation``,
     ``train`` or ``all``; default ``gallery``) are embedded, ids relative to the CSV's folder.
+    ``decode``: how JPEGs are decoded, ``auto`` (nvJPEG on the GPU when the device is CUDA and it works,
+    else PIL in the loader workers), ``gpu`` or ``pil`` (:mod:`clipret.embedding.gpu_decode`); the path
+    taken is a row setting for ``resume``.
     ``opened``: the model already opened on this rank, (module, spec, fingerprint) as
     :func:`clipret.model.build.open_encoder` returns it (an :class:`~clipret.Encoder`'s).
     """
@@ -82,4 +86,4 @@ def embed_folder(
         return run(folder, model, pretrained, out=Path(out) if out is not None else None, shard_size=shard_size,
                    resume=resume, overwrite=overwrite, batch_size=batch_size, workers=workers, device=dev, amp=amp,
                    strict=strict, tta=parse_tta(tta), dba=dba, exact_decode=exact_decode, on_start=on_start,
-                   on_batch=on_batch, group=group, opened=opened, rows=rows)
+                   on_batch=on_batch, group=group, opened=opened, rows=rows, decode=decode)

@@ -42,10 +42,22 @@ from clipret.data.dataset import ImageFolderDataset
 from clipret.data.layout import id_to_path
 from clipret.errors import ClipretError
 
-__all__ = ["ENV", "DevicePlan", "EncodedImages", "collate_encoded", "device_decode_plan", "plain_jpeg", "wanted"]
+__all__ = ["DECODE_CHOICES", "ENV", "decode_choice", "DevicePlan", "EncodedImages", "collate_encoded", "device_decode_plan", "plain_jpeg", "wanted"]
 
 ENV = "CLIPRET_GPU_DECODE"
 _ORIENTATION = 0x0112  # EXIF tag
+
+
+DECODE_CHOICES = ("auto", "gpu", "pil")  # --decode
+
+
+def decode_choice(decode: str | None) -> bool | None:
+    """``--decode`` -> the ``choice`` of :func:`wanted`: ``auto`` (or None) -> None, ``gpu`` -> True, ``pil`` -> False."""
+    if decode is None or decode == "auto":
+        return None
+    if decode not in DECODE_CHOICES:
+        raise ClipretError(f"--decode takes {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    return decode == "gpu"
 
 
 def wanted(device: Any, *, exact: bool = False, choice: bool | None = None) -> bool | None:

@@ -29,7 +29,9 @@ __all__ = ["ROW_SETTINGS", "discard_parts", "finished_shards", "load_shard", "pa
 # Settings that change the rows (or which ids share a shard), as run.json records them. The batch
 # size counts: a row's last bits depend on the batch it is computed in. The world size and
 # --workers do not: every shard is embedded in the same batches whoever embeds it.
-ROW_SETTINGS = ("shard_size", "batch_size", "tta", "exact_decode", "amp", "device")
+ROW_SETTINGS = ("shard_size", "batch_size", "tta", "exact_decode", "amp", "device", "decode")
+# What a run.json written before a setting existed used: every earlier run decoded with PIL.
+_BEFORE_RECORDED = {"decode": "pil"}
 _UNRECORDED = object()
 
 
@@ -94,7 +96,7 @@ def _previous_run(parts: Path) -> dict[str, Any] | None:
     if not (parts / "run.json").is_file():
         return None
     previous = artifacts.read_json(parts / "run.json", "partial-run manifest")
-    return previous if isinstance(previous, dict) else {}
+    return {**_BEFORE_RECORDED, **previous} if isinstance(previous, dict) else {}
 
 
 def _clear(parts: Path, overwrite: bool) -> None:

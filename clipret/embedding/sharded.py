@@ -35,6 +35,7 @@ from clipret.data.decode import decode_side_for
 from clipret.data.sources import image_root, list_images_of
 from clipret.data.validate import check_images
 from clipret.embedding.batches import default_batch_size, embed_shards
+from clipret.embedding.gpu_decode import decode_choice, device_decode_plan
 from clipret.embedding.parts import discard_parts, load_shard, prepare_parts, reusable_shard, shard_path
 from clipret.embedding.tta import tta_transform
 from clipret.errors import ClipretError
@@ -69,15 +70,18 @@ class Job:
 def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | None, shard_size: int | None, resume: bool,
         overwrite: bool, batch_size: int | None, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None,
         dba: int, exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
-        group: Any, opened: tuple[Any, Any, str] | None = None, rows: str | None = None) -> Embeddings:
+        group: Any, opened: tuple[Any, Any, str] | None = None, rows: str | None = None, decode: str = "auto") -> Embeddings:
     """See :func:`clipret.embedding.folder.embed_folder`; ``group`` is :func:`clipret.parallel.groups.work_group`'s."""
     rank, world = groups.rank_and_world(group)
     autocast = runtime.resolve_amp(amp, device)
     ids, unlisted = groups.from_main(lambda: list_folder(folder, strict, workers, rows), group)
     folder = image_root(folder)
     encoder, spec, fingerprint = open_same_model(model, pretrained, group, opened)
+    transform = tta_transform(spec.preprocess, tta)
+    decode_side = decode_side_for(spec.preprocess["size"], exact_decode)
+    on_device = device_decode_plan(transform, device, exact=decode_side is None, choice=decode_choice(decode)) is not None
     settings = {"shard_size": shard_size, "batch_size": batch_size, "tta": tta, "exact_decode": bool(exact_decode),
-                "amp": AMP_NAMES[autocast], "device": device.type}
+                "amp": AMP_NAMES[autocast], "device": device.type, "decode": "gpu" if on_device else "pil"}
     parts, size, batch_size = plan_shards(out, ids, int(encoder.embed_dim), fingerprint, settings, device, resume=resume,
                                           overwrite=overwrite, world=world, group=group)
     job = Job(folder, ids, unlisted, fingerprint, shard_bounds(len(ids), size), batch_size, parts, strict, group, rank, world)
@@ -89,9 +93,8 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
         on_start(n_mine + reused)
     if on_batch is not None and reused:
         on_batch(reused)
-    embed_mine(job, mine, have, encoder, tta_transform(spec.preprocess, tta), workers=_loader_workers(workers, n_mine),
-               device=device, autocast=autocast, decode_side=decode_side_for(spec.preprocess["size"], exact_decode),
-               on_batch=on_batch)
+    embed_mine(job, mine, have, encoder, transform, workers=_loader_workers(workers, n_mine), device=device,
+               autocast=autocast, decode_side=decode_side, gpu_decode=on_device, on_batch=on_batch)
 
     flags = {"model": str(model), "pretrained": spec.pretrained, "pool": spec.pool, "image_size": spec.preprocess.get("size"),
              "tta": tta, "dba": dba or None, "exact_decode": bool(exact_decode)}
@@ -162,12 +165,12 @@ def share_shards(job: Job, resume: bool) -> tuple[dict[int, Embeddings], list[in
 
 
 def embed_mine(job: Job, mine: list[int], have: dict[int, Embeddings], encoder: Any, transform: Callable, *, workers: int,
-               device: Any, autocast: Any, decode_side: int | None, on_batch: Callable[[int], None] | None) -> None:
+               device: Any, autocast: Any, decode_side: int | None, gpu_decode: bool, on_batch: Callable[[int], None] | None) -> None:
     """Embed the shards ``mine`` into ``have``, writing each one's file (with ``out``) as it is done.
     With ``--strict``, an image that does not decode stops the run (:func:`discard_strict_run`)."""
     results = embed_shards(encoder, job.folder, job.ids, [job.bounds[n] for n in mine], transform,
                            batch_size=job.batch_size, workers=workers, device=device, amp=autocast,
-                           decode_side=decode_side, on_batch=on_batch)
+                           decode_side=decode_side, gpu_decode=gpu_decode, on_batch=on_batch)
     for n, (vectors, kept, skipped) in zip(mine, results):
         if job.strict and skipped:
             raise ClipretError(discard_strict_run(job.parts, skipped))
