@@ -329,8 +329,10 @@ def test_default_searcher_and_score_blocks_follow_the_choice(monkeypatch):
     assert not isinstance(pipeline.default_searcher(g), TorchSearcher)
     seen = []
     monkeypatch.setattr(scores_mod, "search_device", lambda work, min_work: "cuda:0")
-    monkeypatch.setattr(scores_mod, "device_matmul_scores", lambda q, gal, rows, device: seen.append(device) or "fn")
-    assert scores_mod.matmul_scores(g, g, 2) == "fn" and seen == ["cuda:0"]
+    monkeypatch.setattr(scores_mod, "device_matmul_scores",
+                        lambda q, gal, rows, device, to_host: seen.append((device, to_host)) or "fn")
+    assert scores_mod.matmul_scores(g, g, 2) == "fn" and seen == [("cuda:0", True)]
+    assert scores_mod.matmul_scores(g, g, 2, to_host=False) == "fn" and seen[-1] == ("cuda:0", False)
     monkeypatch.setattr(scores_mod, "search_device", lambda work, min_work: "cpu")
     assert scores_mod.matmul_scores(g, g, 2)(0, 2).tolist() == g[:2].tolist()  # numpy
 

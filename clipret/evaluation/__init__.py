@@ -1,6 +1,7 @@
 """Score retrieval: top-k lists from results.json, or full rankings from embeddings.
 
-Pure numpy; never imports torch. Metric definitions live in
+Numpy; torch only for score blocks a GPU made (their ranks are counted there,
+:mod:`clipret.evaluation.device_ranks`). Metric definitions live in
 :mod:`clipret.metrics`; this package maps ids to labels and streams the full
 ranking over query chunks (:mod:`clipret.evaluation.stream`) so that memory
 stays bounded at any gallery size.
@@ -117,7 +118,7 @@ def evaluate_embeddings(
     q_codes, g_codes = label_codes(query.ids, gallery.ids, labels)
     rows = chunk_rows(len(gallery), max_block_bytes)
     if score_fn is None:
-        score_fn = matmul_scores(query.vectors, gallery.vectors, rows)
+        score_fn = matmul_scores(query.vectors, gallery.vectors, rows, to_host=False)  # GPU blocks stay there
     return evaluate_scores(score_chunks(score_fn, q_codes, rows), g_codes, ks, exclude=exclude, workers=workers,
                            on_progress=on_progress, return_per_query=return_per_query)
 

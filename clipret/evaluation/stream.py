@@ -55,7 +55,9 @@ def evaluate_scores(
     """Full-ranking metrics from score blocks, one chunk of queries at a time.
 
     chunks: (scores (n, G) float32/float64, higher is better, finite;
-    query label codes (n,) int) pairs, e.g. from :func:`score_chunks`.
+    query label codes (n,) int) pairs, e.g. from :func:`score_chunks`. A block may be a torch
+    tensor (on a GPU): its ranks are then counted on its device
+    (:func:`clipret.evaluation.device_ranks.block_ranks`) and only they come back.
     gallery_codes: (G,) int label codes, in the same code space as the
     queries' (see :func:`clipret.metrics.encode_labels`). ks: cut-offs.
     exclude: (Q,) int64 over all the queries in chunk order, the gallery row
@@ -94,26 +96,35 @@ def evaluate_scores(
             r.append(relevant.size)
             held += relevant.size
             if held >= _HITS_PER_BATCH or i == hi - 1:
-                out.append(_per_query(ranks, r, ks))
+                out.append(_per_query(np.concatenate(ranks), np.asarray(r, dtype=np.int64), ks))
                 ranks, r, held = [], [], 0
         return out
 
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     done = 0
+    on_device: list = []  # DeviceMembers, made at the first torch block
     try:
         for block, codes in chunks:
-            block, codes = np.asarray(block), np.asarray(codes)
-            if block.ndim != 2 or block.shape != (codes.shape[0], gallery_codes.size):
-                raise ValueError(f"a score block must be ({codes.shape[0]}, {gallery_codes.size}), got {block.shape}")
+            codes = np.asarray(codes)
+            block = block if _is_tensor(block) else np.asarray(block)
+            if block.ndim != 2 or tuple(block.shape) != (codes.shape[0], gallery_codes.size):
+                raise ValueError(f"a score block must be ({codes.shape[0]}, {gallery_codes.size}), got {tuple(block.shape)}")
             if codes.size == 0:
                 continue
             own = None if exclude is None else np.asarray(exclude, dtype=np.int64)[done : done + codes.size]
             if own is not None and own.shape != codes.shape:
                 raise ValueError(f"exclude must hold one gallery row (or -1) per query; it ends before query {done + codes.size}")
             done += codes.size
-            cuts = np.linspace(0, codes.size, min(workers, codes.size) + 1).astype(int)
-            jobs = [(p, block, codes, own, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
-            parts = list(pool.map(lambda j: run(*j), jobs)) if pool else [run(*jobs[0])]
+            if _is_tensor(block):  # counted where the block is (a GPU): only the ranks come back
+                from clipret.evaluation.device_ranks import DeviceMembers, block_ranks
+
+                if not on_device:
+                    on_device.append(DeviceMembers(gallery_codes, block.device))
+                parts = [[_per_query(*block_ranks(block, codes, on_device[0], own), ks)]]
+            else:
+                cuts = np.linspace(0, codes.size, min(workers, codes.size) + 1).astype(int)
+                jobs = [(p, block, codes, own, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+                parts = list(pool.map(lambda j: run(*j), jobs)) if pool else [run(*jobs[0])]
             for part in parts:
                 for v, r in part:
                     values.append(v)
@@ -133,11 +144,15 @@ def evaluate_scores(
     return summary, {**merged, "n_relevant": np.concatenate(n_relevant), "first_hit_rank": first}
 
 
-def _per_query(ranks: list[np.ndarray], r: list[int], ks: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    n_rel = np.asarray(r, dtype=np.int64)
+def _is_tensor(block: object) -> bool:
+    """A torch tensor (told apart without importing torch)."""
+    return type(block).__module__.partition(".")[0] == "torch"
+
+
+def _per_query(hits: np.ndarray, n_rel: np.ndarray, ks: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(sum R,) 1-based ranks, ascending within each query; (n,) R per query -> per-query values, R."""
     offsets = np.zeros(n_rel.size + 1, dtype=np.int64)
     np.cumsum(n_rel, out=offsets[1:])
-    hits = np.concatenate(ranks)
     values = per_query_metrics(hits, offsets, n_rel, ks, full=True)
     values["first_hit_rank"] = first_hit_rank(hits, offsets)  # int64; taken out before the means
     return values, n_rel

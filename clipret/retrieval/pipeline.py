@@ -168,7 +168,8 @@ def score_function(
     graph: GalleryGraph | None = None,
     exclude: np.ndarray | None = None,
 ) -> ScoreFn:
-    """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better.
+    """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better
+    (numpy, or a torch tensor on the GPU that scored them).
 
     For full-ranking evaluation (:func:`clipret.evaluation.evaluate_embeddings`):
     cosine scores of the (expanded) queries, or ``1 - final distance`` after
@@ -183,4 +184,4 @@ def score_function(
         graph_searcher = None if searcher.exact else searcher  # exact search: the graph uses its own exact kNN
         batch = prepare_rerank(q, gallery, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph, searcher=graph_searcher)
         return rerank_scores(batch, rows)
-    return matmul_scores(q, gallery, rows)
+    return matmul_scores(q, gallery, rows, to_host=False)

@@ -11,7 +11,9 @@ were made; the pipeline (:func:`clipret.retrieval.pipeline.score_function`) pick
 :func:`matmul_scores` runs on the GPU when :func:`~clipret.retrieval.search.search_device`
 says so (a CUDA GPU and a large enough job, or ``CLIPRET_SEARCH_DEVICE=cuda``): the gallery
 stays on the device, each block is one full-float32 torch matmul, copied back into a reused
-page-locked buffer. The blocks equal the CPU's up to float rounding (~1e-7).
+page-locked buffer, or, with ``to_host=False`` (what the evaluation asks for), left on the device
+as a torch tensor, where the evaluation counts its ranks. The blocks equal the CPU's up to float
+rounding (~1e-7).
 """
 
 from __future__ import annotations
@@ -50,20 +52,23 @@ class _Block:
         return self.buf[: q1 - q0]
 
 
-def matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, *, device: str | None = None) -> ScoreFn:
+def matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, *, device: str | None = None,
+                  to_host: bool = True) -> ScoreFn:
     """Cosine scores ``query[q0:q1] @ gallery.T`` into one reused (rows, G) float32 buffer.
 
     query: (Q, D), gallery: (G, D) float32, L2-normalised; either may be a
     memory map (the gallery is then streamed from disk once per call).
     ``device``: ``"cpu"`` (numpy), a torch device (:func:`device_matmul_scores`), or None:
-    :func:`~clipret.retrieval.search.search_device` decides.
+    :func:`~clipret.retrieval.search.search_device` decides. ``to_host=False``: on a torch
+    device the blocks are the device's tensors (for :func:`clipret.evaluation.evaluate_scores`,
+    which then counts ranks there); on the CPU they are numpy arrays either way.
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"need (Q, D) queries and a (G, D) gallery, got {query.shape} and {gallery.shape}")
     if device is None:
         device = search_device(query.shape[0] * gallery.shape[0] * gallery.shape[1], min_work=AUTO_MIN_SCORE_WORK)
     if device != "cpu":
-        return device_matmul_scores(query, gallery, rows, device)
+        return device_matmul_scores(query, gallery, rows, device, to_host=to_host)
     g_t = np.asarray(gallery).T
     block = _Block(rows, gallery.shape[0])
 
@@ -76,13 +81,14 @@ def matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, *, device: 
 
 
 def device_matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, device: str, *,
-                         gallery_chunk: int | None = None) -> ScoreFn:
+                         gallery_chunk: int | None = None, to_host: bool = True) -> ScoreFn:
     """:func:`matmul_scores` as torch matmuls on ``device``: the same (q1 - q0, G) float32 numpy blocks.
 
     The gallery is copied to a GPU once, at the first call, when it fits
     (:func:`~clipret.retrieval.search.resident_gallery`; not with ``gallery_chunk``); else it
     streams in blocks of ``gallery_chunk`` rows (default: 64 MiB) each call. Blocks are copied
-    into one reused page-locked host buffer (on the CPU device, the block itself).
+    into one reused page-locked host buffer (on the CPU device, the block itself); with
+    ``to_host=False`` the block stays where it is and is returned as a torch tensor.
     """
     import torch
 
@@ -95,7 +101,7 @@ def device_matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, devi
     def setup() -> None:
         held["gallery"] = resident_gallery(gallery, device) if gallery_chunk is None else None
         held["block"] = torch.empty((rows, g), dtype=torch.float32, device=device)
-        held["host"] = torch.empty((rows, g), dtype=torch.float32, pin_memory=True) if cuda else held["block"]
+        held["host"] = torch.empty((rows, g), dtype=torch.float32, pin_memory=True) if cuda and to_host else held["block"]
 
     def score(q0: int, q1: int) -> np.ndarray:
         if q1 - q0 > rows:
@@ -110,6 +116,8 @@ def device_matmul_scores(query: np.ndarray, gallery: np.ndarray, rows: int, devi
                 width = gallery_chunk or stream_rows(gallery.shape[1])
                 for g0 in range(0, g, width):
                     out[:, g0 : g0 + width] = q @ to_device(gallery[g0 : g0 + width], device).T
+            if not to_host:
+                return out
             host = held["host"][: q1 - q0]
             if cuda:
                 host.copy_(out)
