@@ -132,7 +132,7 @@ def test_resume_takes_the_interrupted_runs_shard_size(tmp_path):
     from clipret.errors import ClipretError
 
     out, ids = tmp_path / "x.npy", [f"{i}.png" for i in range(40)]
-    rows = {"batch_size": 3, "tta": None, "exact_decode": False, "amp": "none", "device": "cpu"}
+    rows = {"batch_size": 3, "tta": None, "exact_decode": False, "decode": "pil", "amp": "none", "device": "cpu"}
     auto = {"shard_size": auto_shard_size(40), "batch_size": 64}
 
     def prepare(fingerprint, size, resume):
