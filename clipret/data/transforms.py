@@ -72,9 +72,24 @@ def eval_transform(preprocess: dict[str, Any]) -> Callable:
 def eval_geometry(preprocess: dict[str, Any]) -> list[Callable]:
     """The resize and crop steps of :func:`eval_transform` (PIL -> PIL, at the model's input size),
     following its ``resize_mode``: shortest side + centre crop, longest side + pad, or squash."""
-    from clipret.model._open_clip import eval_geometry as open_clip_geometry
+    return geometry_steps(eval_transform(preprocess))
 
-    return open_clip_geometry(eval_transform(preprocess))
+
+def geometry_steps(transform: Any) -> list[Callable]:
+    """The resize and crop steps (PIL -> PIL) of an ``open_clip.image_transform(..., is_train=False)``.
+
+    They are recognised by their classes (``ResizeKeepRatio`` and ``CenterCropOrPad`` from
+    ``open_clip.transform``, torchvision's ``Resize`` and ``CenterCrop``), and carry the model's
+    ``resize_mode`` at its input size; the steps after them only convert and normalise.
+    A transform without such a step is a ValueError.
+    """
+    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
+    from torchvision.transforms import CenterCrop, Resize
+
+    steps = [s for s in transform.transforms if isinstance(s, (Resize, CenterCrop, ResizeKeepRatio, CenterCropOrPad))]
+    if not steps:
+        raise ValueError(f"no resize step found in open_clip's eval transform {transform}")
+    return steps
 
 
 def train_transform(preprocess: dict[str, Any], aug: AugmentConfig) -> Callable:

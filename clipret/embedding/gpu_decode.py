@@ -206,8 +206,8 @@ class DevicePlan:
         with ``flip`` only); None for anything else."""
         from torchvision.transforms import Compose, Normalize
 
+        from clipret.data.transforms import geometry_steps
         from clipret.embedding.tta import TTAViews
-        from clipret.model._open_clip import eval_geometry
 
         flip = isinstance(transform, TTAViews)
         if flip and (transform.tta != "flip" or transform.scaled):
@@ -216,7 +216,7 @@ class DevicePlan:
         if not isinstance(base, Compose):
             return None
         try:
-            geometry = tuple(eval_geometry(base))
+            geometry = tuple(geometry_steps(base))
         except ValueError:
             return None
         norm = [s for s in base.transforms if isinstance(s, Normalize)]

@@ -5,10 +5,9 @@ Everything here goes through open_clip's public surface: the ``CLIP`` class
 describe it), the towers' own ``forward`` and their public attributes
 (``proj``, ``attnpool``, ``output_tokens``, ``grid_size``). Two names come
 from submodules rather than the package top level: ``resize_pos_embed``
-(``open_clip.model``) and ``PreprocessCfg`` (``open_clip.transform``), and
-:func:`eval_geometry` recognises the steps of ``open_clip.image_transform``
-by their classes (``ResizeKeepRatio`` and ``CenterCropOrPad`` from
-``open_clip.transform``, torchvision's ``Resize`` and ``CenterCrop``).
+(``open_clip.model``) and ``PreprocessCfg`` (``open_clip.transform``).
+(The steps of ``open_clip.image_transform`` are recognised by
+:func:`clipret.data.transforms.geometry_steps`.)
 tests/test_model.py pins the open_clip versions this was checked against
 (:data:`CHECKED_VERSIONS`); re-check this file before widening it.
 
@@ -23,7 +22,7 @@ keeps construction cheap and never asks Hugging Face for a text model.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -135,18 +134,3 @@ def preprocess_defaults() -> dict[str, Any]:
     from open_clip.transform import PreprocessCfg
 
     return asdict(PreprocessCfg())
-
-
-def eval_geometry(eval_transform: Any) -> list[Callable]:
-    """The resize and crop steps (PIL -> PIL) of an ``open_clip.image_transform(..., is_train=False)``.
-
-    These carry the model's ``resize_mode`` (shortest side + centre crop, longest side + pad,
-    or squash) at its input size; the steps after them only convert and normalise.
-    """
-    from open_clip.transform import CenterCropOrPad, ResizeKeepRatio
-    from torchvision.transforms import CenterCrop, Resize
-
-    steps = [s for s in eval_transform.transforms if isinstance(s, (Resize, CenterCrop, ResizeKeepRatio, CenterCropOrPad))]
-    if not steps:
-        raise ValueError(f"no resize step found in open_clip's eval transform {eval_transform}")
-    return steps
