@@ -1,6 +1,6 @@
 """Benchmark data: Fashion-MNIST in clipret's dataset layout.
 
-The exporter lives in the package (:mod:`clipret.prepare.idx`, the ``clipret prepare
+The exporter lives in the package (:mod:`clipret.prepare.idx` and :mod:`clipret.prepare.run`, the ``clipret prepare
 fashion-mnist`` command); this module keeps the names the benchmark scripts import.
 """
 
@@ -12,10 +12,10 @@ from clipret.prepare.idx import (
     ENV_VAR,
     FILES,
     IdxFormatError,
-    export_fashion_mnist,
     find_fashion_mnist,
     read_idx,
 )
+from clipret.prepare.run import export_fashion_mnist
 
 __all__ = ["CLASS_NAMES", "DEFAULT_DIRS", "ENV_VAR", "FILES", "IdxFormatError", "export_fashion_mnist",
            "find_fashion_mnist", "read_idx"]

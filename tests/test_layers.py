@@ -74,3 +74,86 @@ def test_the_check_sees_lazy_and_package_level_imports():
     tree = ast.parse("def f():\n    from clipret.model._open_clip import x\nfrom clipret import runtime, __version__\n"
                      "import clipret.serve.app\n")
     assert sorted(_targets(tree)) == [(2, "model"), (3, "runtime"), (4, "serve")]
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.AST]:
+    """Import nodes that can run: everything but the bodies of ``if TYPE_CHECKING:``."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        todo += ast.iter_child_nodes(node)
+    return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """clipret module -> the clipret modules it imports at run time (lazy imports too); the
+    package root, which re-exports the API lazily, is left out."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("clipret"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else owner(node.module)
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {owner(a.name) for a in node.names if a.name.startswith("clipret.")}
+        graph[name] = found - {None, name, "clipret"}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles_between_modules():
+    assert _circles(_module_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle_and_skips_type_only_imports():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from clipret.x import T\n"
+                     "def f():\n    from clipret.y import g\n")
+    assert sorted(n.module for n in _runtime_imports(tree) if isinstance(n, ast.ImportFrom)) == ["clipret.y", "typing"]

@@ -202,7 +202,7 @@ def _run(start: Any) -> None:
     from clipret import _fault, runtime
     from clipret.cli._train_progress import run_with_progress
     from clipret.errors import ClipretError
-    from clipret.parallel.groups import PeerError, lost_peer
+    from clipret.parallel.groups import PeerError, exit_rank, lost_peer
     from clipret.training.stop import TrainingStopped
 
     try:
@@ -212,6 +212,8 @@ def _run(start: Any) -> None:
             _console.info(f"stopped by {stop.name} after step {stop.step} of {stop.total}; checkpoint written to "
                           f"{stop.run}; continue with: {stop.resume_command()}")
         _fault.maybe_slow_exit()
+        if runtime.world_size() > 1:  # a normal interpreter exit after a group torn down mid-epoch can abort
+            exit_rank(stop.exit_code)  # in gloo's C++ destructors (signal 6); the checkpoint is already renamed
         raise typer.Exit(stop.exit_code) from None
     except PeerError:  # rank 0 raised the same error and prints it
         _console.leave_group(2)

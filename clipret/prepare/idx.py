@@ -26,7 +26,7 @@ from clipret.errors import ClipretError
 from clipret.prepare.plan import Entry, Plan, entries
 
 __all__ = ["CLASS_NAMES", "FILES", "ENV_VAR", "DEFAULT_DIRS", "IdxFormatError", "read_idx", "find_fashion_mnist",
-           "plan_fashion_mnist", "export_fashion_mnist", "png_bytes"]
+           "plan_fashion_mnist", "png_bytes"]
 
 CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
 ENV_VAR = "CLIPRET_FASHION_MNIST"
@@ -175,33 +175,3 @@ def plan_fashion_mnist(src: Path, cfg: dict[str, Any]) -> Plan:
             yield e, png_bytes(arrays[split][0][i], size)
 
     return Plan("fashion-mnist", [e for split, items in parts.items() for e in entries(split, items)], fill)
-
-
-def export_fashion_mnist(
-    src: Path,
-    root: Path,
-    *,
-    train_per_class: int | None,
-    query_per_class: int,
-    gallery_per_class: int | None,
-    seed: int = 0,
-    size: int | None = 64,
-    train_classes: Sequence[int] | None = None,
-    test_classes: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Write Fashion-MNIST from ``src`` into ``root`` as ``size``-px grayscale PNGs (None: 28 px, as stored).
-
-    ``train_per_class=None`` exports the whole train split, ``gallery_per_class=None`` every test image of
-    a class that is not a query. ``train_classes`` / ``test_classes`` (class indices, default all)
-    choose the classes written to ``training/`` and to ``test/``. This is ``clipret prepare
-    fashion-mnist``: resumable, and a rerun over a complete ``root`` does nothing.
-    Returns {"root", "classes", "n_train", "n_query", "n_gallery"}.
-    """
-    from clipret.prepare.run import prepare_plan
-
-    cfg = settings(train_per_class=train_per_class, query_per_class=query_per_class, gallery_per_class=gallery_per_class,
-                   seed=seed, size=size, train_classes=train_classes, test_classes=test_classes)
-    done = prepare_plan(Path(root), "fashion-mnist", cfg, lambda: plan_fashion_mnist(Path(src), cfg), POLICY)
-    counts = done["counts"]
-    return {"root": str(root), "classes": list(CLASS_NAMES), "n_train": counts["training"], "n_query": counts["query"],
-            "n_gallery": counts["gallery"]}

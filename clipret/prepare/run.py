@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from clipret.errors import ClipretError
 from clipret.progress import StageProgress
+from clipret.prepare import idx
 from clipret.prepare.plan import Plan
 from clipret.prepare.registry import PrepareOptions, get_spec, settings_for
 from clipret.prepare.writer import complete_summary, write_plan
 
-__all__ = ["prepare", "prepare_plan"]
+__all__ = ["prepare", "prepare_plan", "export_fashion_mnist"]
 
 
 
@@ -77,3 +78,31 @@ def prepare(name: str, root: str | Path, *, source: str | Path | None = None, do
         return spec.build(folder, cfg)  # type: ignore[arg-type]
 
     return prepare_plan(Path(root), name, cfg, build, spec.policy, csv=csv, progress=progress)
+
+
+def export_fashion_mnist(
+    src: Path,
+    root: Path,
+    *,
+    train_per_class: int | None,
+    query_per_class: int,
+    gallery_per_class: int | None,
+    seed: int = 0,
+    size: int | None = 64,
+    train_classes: Sequence[int] | None = None,
+    test_classes: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Write Fashion-MNIST from ``src`` into ``root`` as ``size``-px grayscale PNGs (None: 28 px, as stored).
+
+    ``train_per_class=None`` exports the whole train split, ``gallery_per_class=None`` every test image of
+    a class that is not a query. ``train_classes`` / ``test_classes`` (class indices, default all)
+    choose the classes written to ``training/`` and to ``test/``. This is ``clipret prepare
+    fashion-mnist``: resumable, and a rerun over a complete ``root`` does nothing.
+    Returns {"root", "classes", "n_train", "n_query", "n_gallery"}.
+    """
+    cfg = idx.settings(train_per_class=train_per_class, query_per_class=query_per_class, gallery_per_class=gallery_per_class,
+                   seed=seed, size=size, train_classes=train_classes, test_classes=test_classes)
+    done = prepare_plan(Path(root), "fashion-mnist", cfg, lambda: idx.plan_fashion_mnist(Path(src), cfg), idx.POLICY)
+    counts = done["counts"]
+    return {"root": str(root), "classes": list(idx.CLASS_NAMES), "n_train": counts["training"], "n_query": counts["query"],
+            "n_gallery": counts["gallery"]}

@@ -53,11 +53,10 @@ from clipret.training.heldout import nonfinite_warning, validate_epoch, validate
 from clipret.training.llrd import current_lrs
 from clipret.training.resume import resumed_config
 from clipret.training.setup import EXCLUDED_NAME, Event, TrainState, prepare, replace_run
-from clipret.training.state import CHECKPOINT_NAME, save_checkpoint
+from clipret.training.state import CHECKPOINT_NAME, METRICS_NAME, save_checkpoint
 from clipret.training.step import train_step
 
 __all__ = ["CHECKPOINT_NAME", "EXCLUDED_NAME", "METRICS_NAME", "resume", "train"]
-METRICS_NAME = "metrics.jsonl"
 
 
 def _noop(kind: str, payload: dict[str, Any]) -> None:

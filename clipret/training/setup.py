@@ -45,7 +45,7 @@ from clipret.training.losses import Objective
 from clipret.training.resume import continue_at
 from clipret.training.schedule import make_scheduler, move_to_step, warmup_steps_for
 from clipret.training.split import stratified_split
-from clipret.training.state import CHECKPOINT_NAME, restore_rng, restore_scaler
+from clipret.training.state import CHECKPOINT_NAME, METRICS_NAME, restore_rng, restore_scaler
 from clipret.training.trace import StepTrace
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -257,7 +257,6 @@ def replace_run(cfg: TrainConfig) -> None:
     ``clipret train`` did not write is refused (one line), and so is the working directory or
     a folder above it. Under torchrun rank 0 calls this before any rank writes.
     """
-    from clipret.training.loop import METRICS_NAME  # the loop imports this module
 
     cfg.validate()
     probe_spec(cfg)  # settings the backbone cannot take fail before anything is deleted

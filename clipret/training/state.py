@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from clipret.training.setup import TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch, written by the loop
 
 
 def save_checkpoint(state: TrainState, epoch: int, batch: int, losses: list[float]) -> None:
