@@ -73,6 +73,7 @@ def retrieve(
     allow_mismatch: bool = False,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    search_device: str | None = None,
     progress: Progress | None = None,
     warnings: list[str] | None = None,
 ) -> Results:
@@ -83,13 +84,16 @@ def retrieve(
     :class:`Embeddings` or a (G, D) array. Stages run in the fixed order DBA -> QE -> search ->
     k-reciprocal re-ranking (``rerank``, with ``k1``, ``k2``, ``lam``). A query that is also in the
     gallery never lists itself unless ``keep_self``. ``warnings`` (a list) collects one-line notes
-    (a TTA asymmetry, an approximate index); they are not printed.
+    (a TTA asymmetry, an approximate index); they are not printed. ``search_device``: where exact
+    search runs (auto, cpu, cuda or cuda:N; default: ``CLIPRET_SEARCH_DEVICE``, else auto: a GPU
+    when torch sees one and the gallery is large enough).
     """
     from clipret.retrieval import selfmatch
     from clipret.retrieval.compat import check_compatible, describe
     from clipret.retrieval.prepare import prepare_search
     from clipret.retrieval.pipeline import Stages
     from clipret.retrieval.pipeline import retrieve as run_pipeline
+    from clipret.retrieval.search import searching_on
 
     if k <= 0:
         raise ClipretError(f"--k must be positive, got {k}")
@@ -97,13 +101,14 @@ def retrieve(
     q, gal = _embeddings(query, "query"), _gallery(gallery, nprobe, ef_search)
     notes = check_compatible(q, gal, allow_mismatch=allow_mismatch)
     found = selfmatch.self_matches(q, gal)
-    setup = prepare_search(gal, stages, on_progress=progress)
-    notes += setup.notes
-    if warnings is not None:
-        warnings.extend(notes)
-    scores, rows = run_pipeline(q.vectors, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph,
-                                exclude=None if keep_self else found,
-                                on_progress=stage_counter(progress, "re-rank" if rerank else "search", _search_total(q, gal, stages)))
+    with searching_on(search_device):
+        setup = prepare_search(gal, stages, on_progress=progress)
+        notes += setup.notes
+        if warnings is not None:
+            warnings.extend(notes)
+        scores, rows = run_pipeline(q.vectors, setup.vectors, k, stages, searcher=setup.searcher, graph=setup.graph,
+                                    exclude=None if keep_self else found,
+                                    on_progress=stage_counter(progress, "re-rank" if rerank else "search", _search_total(q, gal, stages)))
     n = selfmatch.count(found)
     meta = {"k": k, "score": "1 - k-reciprocal final distance" if rerank else "cosine similarity",
             "query": describe(q, q.path if q.path is not None else q.root), "gallery": describe(gal), "stages": stages.to_dict(),
@@ -140,6 +145,7 @@ def evaluate(
     progress: Progress | None = None,
     per_class: bool = False,
     worst: int = 0,
+    search_device: str | None = None,
     **stages: Any,
 ) -> dict[str, Any]:
     """Recall@K, precision@K, mAP@K, and (from a full ranking) mAP, MAP@R and R-precision.
@@ -153,9 +159,11 @@ def evaluate(
     ``{"class", "n_queries", "recall@1", "map@r"}``, worst first; ``worst=N`` adds ``worst``: the
     N queries with the lowest AP, ``{"id", "label", "ap", "first_hit_rank"}`` (AP over the full
     ranking, or AP@k at the deepest k for top-k lists; see :mod:`clipret.evaluation.per_class`).
+    ``search_device``: where the full ranking's scores and ranks are computed, as in :func:`retrieve`.
     """
     from clipret import evaluation
     from clipret.retrieval import selfmatch
+    from clipret.retrieval.search import searching_on
 
     ks = [int(x) for x in k]
     if worst < 0:
@@ -178,7 +186,8 @@ def evaluate(
         check_compatible(q, gal, allow_mismatch=bool(stages.pop("allow_mismatch", False)))
         label_map = load_labels(labels, list(q.ids) + list(gal.ids))
         found, query_ids = selfmatch.self_matches(q, gal), list(q.ids)
-        metrics = _full_ranking(q, gal, label_map, ks, None if keep_self else found, stages, progress, detail)
+        with searching_on(search_device):
+            metrics = _full_ranking(q, gal, label_map, ks, None if keep_self else found, stages, progress, detail)
     if detail:
         metrics, per_query = metrics
     metrics["self_matches_excluded"] = 0 if keep_self else selfmatch.count(found)

@@ -309,6 +309,50 @@ def test_search_device_choice(monkeypatch):
     assert search_device(1) == "cuda:0"  # forced: whatever the size
 
 
+def test_a_chosen_search_device_beats_the_environment(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(search_mod.SEARCH_DEVICE_ENV, "cuda")
+    with search_mod.searching_on("cpu"):
+        assert search_device(10**15) == "cpu"
+    with pytest.raises(ClipretError, match="CLIPRET_SEARCH_DEVICE=cuda but torch sees no CUDA GPU"):
+        search_device()  # the choice ends with the block
+    monkeypatch.setenv(search_mod.SEARCH_DEVICE_ENV, "cpu")
+    with search_mod.searching_on(" CUDA:0"), pytest.raises(ClipretError, match="--search-device cuda:0 but torch sees no CUDA GPU"):
+        search_device()
+    with search_mod.searching_on(None):
+        assert search_device(10**15) == "cpu"
+    for bad in ("gpu", "cuda:x", ""):
+        with pytest.raises(ClipretError, match="not understood"), search_mod.searching_on(bad):
+            pass
+
+
+def test_search_device_flag_and_argument(tmp_path, monkeypatch):
+    import clipret
+    from clipret import artifacts
+    from conftest import invoke_cli
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = tmp_path / "x.npy"
+    artifacts.save_embeddings(path, x, [f"c{i % 4}/{i}.png" for i in range(40)], fingerprint="fp")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(search_mod.SEARCH_DEVICE_ENV, "cuda")  # no GPU here: on its own, this fails
+    r = invoke_cli("evaluate", "--query", path, "--gallery", path, "--json", code=2)
+    assert "CLIPRET_SEARCH_DEVICE=cuda but torch sees no CUDA GPU" in r.output
+    got = json.loads(invoke_cli("evaluate", "--query", path, "--gallery", path, "--json", "--search-device", "cpu").stdout)
+    monkeypatch.setenv(search_mod.SEARCH_DEVICE_ENV, "cpu")
+    assert got == json.loads(invoke_cli("evaluate", "--query", path, "--gallery", path, "--json").stdout)
+    monkeypatch.setenv(search_mod.SEARCH_DEVICE_ENV, "cuda")
+    invoke_cli("query", path, "--gallery", path, "--k", 3, "--out", tmp_path / "r.json", "--search-device", "cpu")
+    assert clipret.Results.load(tmp_path / "r.json").ids == clipret.retrieve(path, path, k=3, search_device="cpu").ids
+    for args, said in ((("--search-device", "cuda"), "--search-device cuda but torch sees no CUDA GPU"),
+                       (("--search-device", "gpu"), "--search-device 'gpu' is not understood")):
+        for command in (["evaluate", "--query", path], ["query", path, "--out", tmp_path / "s.json"]):
+            r = invoke_cli(*command, "--gallery", path, *args, code=2)
+            assert said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 @pytest.mark.skipif(Path("/proc/driver/nvidia/version").exists(), reason="an NVIDIA driver is here")
 def test_without_a_driver_search_never_imports_torch():
     code = ("import sys; from clipret.retrieval.pipeline import default_searcher; import numpy as np; "

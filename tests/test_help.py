@@ -16,7 +16,7 @@ from clipret.cli import app
 SAME_EVERYWHERE = {
     "--device", "--amp", "--workers", "--batch-size", "--json", "--tta", "--exact-decode", "--pretrained",
     "--allow-mismatch", "--dba", "--qe", "--qe-alpha", "--rerank", "--k1", "--k2", "--lambda", "--nprobe",
-    "--ef-search", "--keep-self", "--help",
+    "--ef-search", "--keep-self", "--search-device", "--help",
 }
 SHOWN = re.compile(r"\[(default: [^\]]+|required)\]\s*$")
 

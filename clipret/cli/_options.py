@@ -91,6 +91,9 @@ KeepSelf = Annotated[
     ),
 ]
 Nprobe = Annotated[Optional[int], typer.Option("--nprobe", help="IVF index: cells searched per query (overrides the index's own).", show_default="the index's own")]
+SearchDevice = Annotated[Optional[str], typer.Option(
+    "--search-device", help="Where exact search, QE/DBA and full-ranking scores run: auto (a GPU when torch sees one and the "
+    "gallery is large enough), cpu, cuda or cuda:N. Overrides CLIPRET_SEARCH_DEVICE.", show_default="auto")]
 EfSearch = Annotated[Optional[int], typer.Option("--ef-search", help="HNSW index: search breadth (overrides the index's own).", show_default="the index's own")]
 Decode = Annotated[
     str,
@@ -129,17 +132,23 @@ class SearchOptions:
     nprobe: Optional[int] = None
     ef_search: Optional[int] = None
     keep_self: bool = False
+    search_device: Optional[str] = None
 
     def stages(self) -> Any:
-        """The pipeline's :class:`~clipret.retrieval.pipeline.Stages` (a one-line ClipretError on bad values)."""
+        """The pipeline's :class:`~clipret.retrieval.pipeline.Stages` (a one-line ClipretError on bad
+        values, ``--search-device`` included)."""
         from clipret.retrieval.pipeline import Stages
+        from clipret.retrieval.search import check_search_device
+
+        if self.search_device is not None:
+            check_search_device(self.search_device)
 
         return Stages(dba=self.dba, qe=self.qe, qe_alpha=self.qe_alpha, rerank=self.rerank, k1=self.k1, k2=self.k2,
                       lam=self.lam)
 
 
 _SEARCH_OPTIONS = {"dba": Dba, "qe": Qe, "qe_alpha": QeAlpha, "rerank": Rerank, "k1": K1, "k2": K2, "lam": Lam,
-                   "nprobe": Nprobe, "ef_search": EfSearch, "keep_self": KeepSelf}
+                   "nprobe": Nprobe, "ef_search": EfSearch, "keep_self": KeepSelf, "search_device": SearchDevice}
 F = TypeVar("F", bound=Callable[..., Any])
 
 

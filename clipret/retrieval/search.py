@@ -8,7 +8,8 @@ expansion) consumes.
 
 On a GPU, :class:`TorchSearcher` runs the same exact search as blocked torch
 matmuls on the device, with the same tie rule (:mod:`~clipret.retrieval.ranking`);
-:func:`search_device` says where exact search and score blocks run (``CLIPRET_SEARCH_DEVICE``).
+:func:`search_device` says where exact search and score blocks run (``--search-device``, through
+:func:`searching_on`, or ``CLIPRET_SEARCH_DEVICE``).
 torch is imported only when a GPU is there, or asked for: on a machine without an NVIDIA
 driver nothing changes (numpy or FAISS, and no torch import).
 """
@@ -16,7 +17,9 @@ driver nothing changes (numpy or FAISS, and no torch import).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ AUTO_MIN_WORK = 1 << 24  # auto: a job whose work (as its caller measures it) is
 BLOCK_BYTES = 256 * 2**20  # one (queries, gallery rows) float32 score block on the device
 RESIDENT_FRACTION = 0.5  # the gallery stays on the GPU when it takes at most this part of its free memory
 STREAM_BYTES = 64 * 2**20  # gallery rows copied to the device at once when it does not stay there
+_CHOSEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("clipret_search_device", default=None)
 
 
 def stream_rows(dim: int) -> int:
@@ -94,12 +98,19 @@ class ExactSearcher:
 def search_device(work: int | None = None, *, min_work: int = AUTO_MIN_WORK) -> str:
     """Where exact search and score blocks run: ``"cpu"`` (numpy / FAISS) or a torch CUDA device.
 
+    The choice is what :func:`searching_on` set (``--search-device``, ``search_device=``), else
     ``CLIPRET_SEARCH_DEVICE``: ``cpu``, ``cuda`` (or ``cuda:N``; an error without a GPU), or
     ``auto`` (the default): CUDA when torch sees a GPU and the job's ``work`` (a size the caller
     states, e.g. G×D) is at least ``min_work``, else the CPU. Without an NVIDIA driver (and torch
     not yet imported) auto answers ``"cpu"`` without importing torch.
     """
-    value = os.environ.get(SEARCH_DEVICE_ENV, "").strip().lower() or "auto"
+    chosen = _CHOSEN.get()
+    if chosen is not None:
+        value, said = chosen, f"--search-device {chosen}"
+    else:
+        value = os.environ.get(SEARCH_DEVICE_ENV, "").strip().lower() or "auto"
+        said = f"{SEARCH_DEVICE_ENV}={value}"
+        check_search_device(value, said=SEARCH_DEVICE_ENV)
     if value == "cpu":
         return "cpu"
     if value == "auto":
@@ -108,13 +119,34 @@ def search_device(work: int | None = None, *, min_work: int = AUTO_MIN_WORK) -> 
         import torch
 
         return _cuda_device("cuda") if torch.cuda.is_available() else "cpu"
-    if value.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ClipretError(f"{SEARCH_DEVICE_ENV}={value} but torch sees no CUDA GPU; set it to cpu or auto")
-        return _cuda_device(value)
-    raise ClipretError(f"{SEARCH_DEVICE_ENV}={value!r} is not understood; use auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ClipretError(f"{said} but torch sees no CUDA GPU; use cpu or auto")
+    return _cuda_device(value)
+
+
+def check_search_device(value: str, *, said: str = "--search-device") -> str:
+    """``value`` lower-cased if it names a search device (auto, cpu, cuda or cuda:N), else a
+    one-line :class:`ClipretError` naming where it came from (``said``). Imports nothing."""
+    clean = value.strip().lower()
+    if clean in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", clean):
+        return clean
+    raise ClipretError(f"{said} {value!r} is not understood; use auto, cpu, cuda or cuda:N")
+
+
+@contextlib.contextmanager
+def searching_on(device: str | None) -> Iterator[None]:
+    """Within the block, :func:`search_device` answers from ``device`` (auto, cpu, cuda, cuda:N)
+    instead of ``CLIPRET_SEARCH_DEVICE``; None changes nothing. Per thread and task (a ContextVar)."""
+    if device is None:
+        yield
+        return
+    token = _CHOSEN.set(check_search_device(device))
+    try:
+        yield
+    finally:
+        _CHOSEN.reset(token)
 
 
 def _nvidia_driver() -> bool:
