@@ -16,7 +16,9 @@ the peak RSS of only reading the labels CSV and the gallery manifest.
 ``--device cuda`` runs clipret evaluate with ``CLIPRET_SEARCH_DEVICE=cuda`` (score blocks as
 torch matmuls on the GPU), and the floor becomes (t) a bare torch matmul of the same arrays on the
 same GPU (the gallery copied there once, the same query chunks, full float32, one scalar read back
-per chunk); ``--torch-floor`` adds (t) on the CPU device too. The default, ``--device cpu``, is
+per chunk), and (s) splits clipret's own time on the device (in one process, the gallery already
+there): the score blocks alone, then the score blocks with their ranks counted on the device
+(:mod:`clipret.evaluation.device_ranks`); ``--torch-floor`` adds (t) and (s) on the CPU device too. The default, ``--device cpu``, is
 the CPU comparison as before (clipret evaluate pinned to the CPU path).
 
     flock /tmp/clipret-bench.lock python bench/evaluate.py            # 20k x 1M x 256
@@ -64,6 +66,30 @@ with torch.inference_mode():
         total += float(s[:, 0].sum())
 sync()
 print(json.dumps({"total": total, "upload_s": t1 - t0, "matmul_s": time.perf_counter() - t1}))
+"""
+
+SPLIT = r"""
+import json, sys, time, torch
+from clipret.artifacts import load_embeddings
+from clipret.data.layout import read_labels_csv
+from clipret.evaluation import label_codes
+from clipret.evaluation.device_ranks import DeviceMembers, block_ranks
+from clipret.retrieval.scores import device_matmul_scores
+labels, q, g = read_labels_csv(sys.argv[1]), load_embeddings(sys.argv[2]), load_embeddings(sys.argv[3])
+rows, dev = int(sys.argv[4]), sys.argv[5]
+qc, gc = label_codes(q.ids, g.ids, labels)
+score, members = device_matmul_scores(q.vectors, g.vectors, rows, dev, to_host=False), DeviceMembers(gc, dev)
+sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+score(0, min(rows, len(qc))); sync()  # the gallery goes to the device once, outside both timings
+def timed(count):
+    t = time.perf_counter()
+    for q0 in range(0, len(qc), rows):
+        block = score(q0, min(q0 + rows, len(qc)))
+        if count:
+            block_ranks(block, qc[q0:q0 + rows], members)
+    sync()
+    return time.perf_counter() - t
+print(json.dumps({"scores_s": timed(False), "scores_and_ranks_s": timed(True)}))
 """
 
 PARSE = r"""
@@ -206,6 +232,10 @@ def main() -> None:
         report.update(torch_floor_s=torch_s, torch_floor_rss_mib=torch_rss, torch_floor=inner)
         print(f"(t) floor, bare torch matmul on {args.device} ({rows} queries a chunk): {torch_s:7.1f} s whole process "
               f"(gallery upload {inner['upload_s']:.2f} s, matmuls {inner['matmul_s']:.2f} s), peak RSS {torch_rss:7.0f} MiB")
+        _, _, out = run_measured([sys.executable, "-c", SPLIT, str(labels), str(q), str(g), str(rows), args.device])
+        split = report["device_split"] = json.loads(out)
+        print(f"(s) inside clipret on {args.device}, gallery already there: score blocks alone {split['scores_s']:.2f} s; "
+              f"with the ranks counted on the device (evaluation/device_ranks.py) {split['scores_and_ranks_s']:.2f} s")
     ours_s, ours_rss, out = run_measured([sys.executable, "-m", "clipret", "evaluate", "--query", str(q),
                                           "--gallery", str(g), "--labels", str(labels), "--json"],
                                          env={"CLIPRET_SEARCH_DEVICE": "cuda" if gpu else "cpu"})

@@ -119,7 +119,8 @@ for name in ("train-vit-l-14.json", "train-vit-b-32.json", "train-vit-l-14-compi
 r = load("evaluate-gpu.json")
 if r:
     print(f"| evaluate {r['queries']} × {r['gallery']} × {r['dim']} on {r['device']} | clipret {r['clipret_s']:.1f} s | "
-          f"torch floor {r.get('torch_floor_s', float('nan')):.1f} s | ratios {r['ratios']} |")
+          f"torch floor {r.get('torch_floor_s', float('nan')):.1f} s | ratios {r['ratios']} | "
+          f"split {r.get('device_split')} |")
 else:
     print("evaluate-gpu.json: missing")
 EOF
