@@ -83,3 +83,33 @@ def test_evaluation_counts_ranks_on_the_device_when_the_blocks_stay_there():
     slow = ref_evaluate_scores((q @ g.T).tolist(), q_codes.tolist(), g_codes.tolist(), ks, own=own.tolist())
     assert got == pytest.approx(slow)
     assert got["n_queries_without_relevant"] == int(np.isin(q_codes, g_codes, invert=True).sum()) > 0
+
+
+def test_the_evaluation_and_the_api_keep_device_blocks_on_the_device(tmp_path, monkeypatch):
+    """Where the score blocks come from a torch device (here "cpu:0", standing in for a GPU), the
+    full-ranking evaluation gets them as tensors (no copy to numpy) and counts ranks there, through
+    evaluate_embeddings and through clipret.evaluate with QE; the metrics equal the numpy path's."""
+    import clipret
+    from clipret import artifacts
+    from clipret.evaluation import device_ranks, evaluate_embeddings
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"c{i % 5}/{i}.png" for i in range(60)]
+    path = tmp_path / "x.npy"
+    artifacts.save_embeddings(path, x, ids, fingerprint="fp")
+    emb, labels = clipret.Embeddings.load(path), {i: i.split("/")[0] for i in ids}
+    want = evaluate_embeddings(emb, emb, labels, [1, 5], exclude=np.arange(60))
+    want_qe = clipret.evaluate(path, path, labels=labels, k=(1, 5), qe=3)
+
+    counted = []
+    real = device_ranks.block_ranks
+    monkeypatch.setattr(device_ranks, "block_ranks", lambda block, *a: counted.append(type(block)) or real(block, *a))
+    monkeypatch.setattr(scores_mod, "search_device", lambda work, min_work: "cpu:0")
+    got = evaluate_embeddings(emb, emb, labels, [1, 5], exclude=np.arange(60))
+    assert counted and set(counted) == {torch.Tensor}
+    assert got == pytest.approx(want)
+    counted.clear()
+    assert clipret.evaluate(path, path, labels=labels, k=(1, 5), qe=3) == pytest.approx(want_qe)
+    assert counted and set(counted) == {torch.Tensor}

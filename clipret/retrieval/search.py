@@ -21,6 +21,7 @@ import contextvars
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,10 +179,21 @@ def exact_fp32() -> Iterator[None]:
 
 
 def to_device(rows: np.ndarray, device: str) -> Any:
-    """(n, D) rows (a memory map slice, say) -> a float32 torch tensor on ``device``."""
+    """(n, D) rows (a memory map slice, say) -> a float32 torch tensor on ``device``.
+
+    Read-only rows (a memory map opened read-only) are copied on their way: to a GPU that copy is
+    the upload itself (torch's warning about a non-writable array does not apply); on the CPU
+    device they are copied first, so the tensor never shares read-only memory."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
+    array = np.ascontiguousarray(rows, dtype=np.float32)
+    if array.flags.writeable:
+        return torch.from_numpy(array).to(device)
+    if not str(device).startswith("cuda"):
+        return torch.from_numpy(array.copy()).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device)
 
 
 def resident_gallery(gallery: np.ndarray, device: str, chunk: int = 65536) -> Any:
