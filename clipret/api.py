@@ -159,7 +159,8 @@ def evaluate(
     ``{"class", "n_queries", "recall@1", "map@r"}``, worst first; ``worst=N`` adds ``worst``: the
     N queries with the lowest AP, ``{"id", "label", "ap", "first_hit_rank"}`` (AP over the full
     ranking, or AP@k at the deepest k for top-k lists; see :mod:`clipret.evaluation.per_class`).
-    ``search_device``: where the full ranking's scores and ranks are computed, as in :func:`retrieve`.
+    ``search_device``: where the full ranking's scores and ranks are computed, as in :func:`retrieve`
+    (scoring :class:`Results` computes no scores, so it does not use it).
     """
     from clipret import evaluation
     from clipret.retrieval import selfmatch
@@ -216,7 +217,7 @@ def _full_ranking(q: Embeddings, gal: Any, label_map: dict[str, str], ks: list[i
     if gal.index is None:
         rows = evaluation.chunk_rows(len(gal))
         score_fn = score_function(q.vectors, setup.vectors, stages, rows, searcher=setup.searcher, graph=setup.graph,
-                                  exclude=exclude)
+                                  exclude=exclude, to_host=False)
         return evaluation.evaluate_embeddings(q, gal, label_map, ks, score_fn=score_fn if stages.any else None,
                                               exclude=exclude, on_progress=stage_counter(progress, "evaluate", len(q)),
                                               return_per_query=detail)

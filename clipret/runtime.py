@@ -93,7 +93,10 @@ def resolve_device(device: str = "auto") -> Any:
         raise ClipretError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if device in {"auto", "cuda"}:
         return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
-    return torch.device(device)
+    chosen, count = torch.device(device), torch.cuda.device_count()
+    if chosen.index is not None and chosen.index >= count:
+        raise ClipretError(f"--device {device} was asked for but torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return chosen
 
 
 def set_tf32(device: Any, enabled: bool = True) -> None:

@@ -58,6 +58,8 @@ def test_block_ranks_refuse_scores_that_cannot_rank():
         block = torch.tensor([[0.1, bad, 0.3]])
         with pytest.raises(ValueError, match="finite"):
             block_ranks(block, np.array([1]), members)
+        # a row with nothing to rank (its label is not in the gallery) is not checked, as in RankCounter
+        assert [a.tolist() for a in block_ranks(torch.tensor([[0.1, bad, 0.3]]), np.array([7]), members)] == [[], [0]]
     # a left-out own item may be the only relevant one: no rank, R = 0
     ranks, n_rel = block_ranks(torch.tensor([[0.1, 0.2, 0.3]]), np.array([1]), members, np.array([2]))
     assert ranks.size == 0 and n_rel.tolist() == [0]
@@ -104,8 +106,8 @@ def test_the_evaluation_and_the_api_keep_device_blocks_on_the_device(tmp_path, m
     want_qe = clipret.evaluate(path, path, labels=labels, k=(1, 5), qe=3)
 
     counted = []
-    real = device_ranks.block_ranks
-    monkeypatch.setattr(device_ranks, "block_ranks", lambda block, *a: counted.append(type(block)) or real(block, *a))
+    real = device_ranks.block_rank_parts
+    monkeypatch.setattr(device_ranks, "block_rank_parts", lambda block, *a: counted.append(type(block)) or real(block, *a))
     monkeypatch.setattr(scores_mod, "search_device", lambda work, min_work: "cpu:0")
     got = evaluate_embeddings(emb, emb, labels, [1, 5], exclude=np.arange(60))
     assert counted and set(counted) == {torch.Tensor}
@@ -113,3 +115,30 @@ def test_the_evaluation_and_the_api_keep_device_blocks_on_the_device(tmp_path, m
     counted.clear()
     assert clipret.evaluate(path, path, labels=labels, k=(1, 5), qe=3) == pytest.approx(want_qe)
     assert counted and set(counted) == {torch.Tensor}
+
+
+def test_slices_of_a_block_and_of_its_ranks_give_the_same_answers(monkeypatch):
+    """A block is counted in row slices (bounded device memory), and its ranks reach the metrics in
+    runs of whole queries (bounded host memory); neither changes a number."""
+    from clipret.evaluation import device_ranks, stream
+
+    rng = np.random.default_rng(12)
+    q, g = rng.standard_normal((41, 8)).astype(np.float32), rng.standard_normal((150, 8)).astype(np.float32)
+    q_codes, g_codes = rng.integers(0, 4, 41), rng.integers(0, 3, 150)
+    own = np.where(rng.random(41) < 0.3, rng.integers(0, 150, 41), -1)
+    members = DeviceMembers(g_codes, "cpu")
+    whole = block_ranks(torch.tensor(q @ g.T), q_codes, members, own)
+    monkeypatch.setattr(device_ranks, "SLICE_ITEMS", 150 * 4)  # 4 rows a slice
+    parts = list(device_ranks.block_rank_parts(torch.tensor(q @ g.T), q_codes, members, own))
+    assert len(parts) == 11 and [p[1].size for p in parts] == [4] * 10 + [1]
+    assert np.concatenate([p[0] for p in parts]).tolist() == whole[0].tolist()
+    assert np.concatenate([p[1] for p in parts]).tolist() == whole[1].tolist()
+    fn = scores_mod.device_matmul_scores(q, g, 20, "cpu", to_host=False)
+    want = evaluate_scores(score_chunks(fn, q_codes, 20), g_codes, [1, 5], exclude=own, return_per_query=True)
+    monkeypatch.setattr(stream, "_HITS_PER_BATCH", 60)  # ~1 query of R ~ 50 per run
+    got = evaluate_scores(score_chunks(fn, q_codes, 20), g_codes, [1, 5], exclude=own, return_per_query=True)
+    assert got[0] == pytest.approx(want[0])
+    for name in want[1]:
+        np.testing.assert_allclose(got[1][name], want[1][name], err_msg=name)
+    sliced = stream._sliced(*whole, [1, 5])
+    assert len(sliced) > 5 and sum(r.size for _, r in sliced) == 41

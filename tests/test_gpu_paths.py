@@ -321,6 +321,15 @@ def test_a_chosen_search_device_beats_the_environment(monkeypatch):
         search_device()
     with search_mod.searching_on(None):
         assert search_device(10**15) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU (faked; nothing touches it)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with search_mod.searching_on("cuda:1"), pytest.raises(ClipretError, match="--search-device cuda:1 but torch sees 1 CUDA GPU"):
+        search_device()
+    from clipret.runtime import resolve_device
+
+    with pytest.raises(ClipretError, match="--device cuda:2 was asked for but torch sees 1 CUDA GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for bad in ("gpu", "cuda:x", ""):
         with pytest.raises(ClipretError, match="not understood"), search_mod.searching_on(bad):
             pass

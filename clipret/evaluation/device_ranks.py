@@ -19,16 +19,23 @@ relevant item), and every step is a whole-block kernel rather than a loop over r
    are few; sorted by (row, score, index), an item's place in its run of equal scores is the
    tie term.
 
-Extra device memory: about 3 x the score block (counts, the tie test, the bincount input).
+A block is counted in slices of rows (:data:`SLICE_ITEMS` scores, and :data:`SLICE_SLOTS`
+relevant items, at most), so the extra device memory stays near 17 bytes per score of a slice
+(counts, the tie test) plus ~40 bytes per relevant item, whatever the block's size, the classes'
+sizes or the number of ties.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DeviceMembers", "block_ranks"]
+__all__ = ["DeviceMembers", "SLICE_ITEMS", "SLICE_SLOTS", "block_rank_parts", "block_ranks"]
+
+SLICE_ITEMS = 1 << 25  # scores counted at once (rows x G)
+SLICE_SLOTS = 1 << 23  # relevant items counted at once (rows x the largest R among them)
 
 
 class DeviceMembers:
@@ -46,27 +53,48 @@ class DeviceMembers:
         np.cumsum(np.bincount(codes, minlength=starts.size - 1), out=starts[1:])
         self.n_codes = starts.size - 1
         self.n_gallery = codes.size
+        self.sizes = np.diff(starts)  # (n_codes,) members of each code, on the host
         self.order = torch.as_tensor(np.argsort(codes, kind="stable").astype(np.int64), device=device)
         self.starts = torch.as_tensor(starts, device=device)
 
 
-def block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.ndarray | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks of every query's relevant items in one score block, counted on the block's device.
+def block_rank_parts(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.ndarray | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Ranks of every query's relevant items in one score block, counted on the block's device,
+    one slice of rows at a time.
 
-    block: (n, G) float32 torch tensor, finite scores, higher is better; the rows of the query's own
-    items (``own``) are overwritten with -inf. codes: (n,) int64 label codes of the queries (a code
-    no gallery item has means no relevant item). own: (n,) int64 gallery row of each query's own
-    item, or -1 (:mod:`clipret.retrieval.selfmatch`): it is left out of the ranking and of R.
+    block: (n, G) float32 torch tensor, higher is better; the scores of a query with relevant items
+    must be finite (-inf allowed for items that are not relevant); the query's own item (``own``) is
+    overwritten with -inf. codes: (n,) int64 label codes of the queries (a code no gallery item has
+    means no relevant item). own: (n,) int64 gallery row of each query's own item, or -1
+    (:mod:`clipret.retrieval.selfmatch`): it is left out of the ranking and of R.
 
-    Returns ``(ranks, n_relevant)``: ranks (sum R,) int64, the 1-based ranks of each query's
-    relevant items, ascending within a query, queries in block order; n_relevant (n,) int64.
-    Equal to :class:`~clipret.evaluation.ranks.RankCounter`'s ranks, sorted, plus one.
+    Yields ``(ranks, n_relevant)`` per slice of consecutive queries, in order: ranks (sum R,) int64,
+    the 1-based ranks of each query's relevant items, ascending within a query; n_relevant (rows,)
+    int64. Equal to :class:`~clipret.evaluation.ranks.RankCounter`'s ranks, sorted, plus one.
     """
     import torch
 
+    n, g = block.shape
+    if g != members.n_gallery:
+        raise ValueError(f"a score block must have {members.n_gallery} columns, got {g}")
+    codes = np.asarray(codes, dtype=np.int64)
+    known = (codes >= 0) & (codes < members.n_codes)
+    r_max = int(members.sizes[codes[known]].max(initial=0))
+    step = max(1, min(SLICE_ITEMS // g, SLICE_SLOTS // max(1, r_max)))
     with torch.inference_mode():  # the score functions make their blocks in inference mode
-        return _block_ranks(block, codes, members, own)
+        for r0 in range(0, n, step):
+            yield _block_ranks(block[r0 : r0 + step], codes[r0 : r0 + step], members,
+                               None if own is None else own[r0 : r0 + step])
+
+
+def block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`block_rank_parts` joined: ``(ranks (sum R,), n_relevant (n,))`` for the whole block."""
+    parts = list(block_rank_parts(block, codes, members, own))
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.ndarray | None
@@ -75,8 +103,6 @@ def _block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.
 
     n, g = block.shape
     dev = block.device
-    if g != members.n_gallery:
-        raise ValueError(f"a score block must have {members.n_gallery} columns, got {g}")
     code = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=dev)
     known = (code >= 0) & (code < members.n_codes)
     code = code.clamp(0, members.n_codes - 1)
@@ -93,16 +119,17 @@ def _block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.
         rows = torch.nonzero(own_t >= 0).squeeze(1)
         block[rows, own_t[rows]] = -torch.inf
         valid &= rel != own_t[:, None]
+    n_valid = valid.sum(dim=1)
+    if int(n_valid.sum()) == 0:
+        return np.zeros(0, dtype=np.int64), n_valid.cpu().numpy()
     thresholds = block.gather(1, rel)
     top = block.amax(dim=1)  # NaN when a row holds one; +inf never ranks
-    if bool(torch.isnan(top).any() | (top == torch.inf).any()) or not bool(torch.isfinite(thresholds[valid]).all()):
+    bad = (torch.isnan(top) | (top == torch.inf)) & (n_valid > 0)  # rows without relevant items are not ranked
+    if bool(bad.any()) or not bool(torch.isfinite(thresholds[valid]).all()):
         raise ValueError("scores must be finite")
     thresholds.masked_fill_(~valid, torch.inf)
     thresholds, perm = thresholds.sort(dim=1)  # ascending; left-out slots (+inf) last
     rel = rel.gather(1, perm)
-    n_valid = valid.sum(dim=1)
-    if int(n_valid.sum()) == 0:
-        return np.zeros(0, dtype=np.int64), n_valid.cpu().numpy()
     valid = slot[None, :] < n_valid[:, None]
 
     wide = n * (rmax + 1) >= 2**31  # bincount slots that int32 cannot number

@@ -116,11 +116,11 @@ def evaluate_scores(
                 raise ValueError(f"exclude must hold one gallery row (or -1) per query; it ends before query {done + codes.size}")
             done += codes.size
             if _is_tensor(block):  # counted where the block is (a GPU): only the ranks come back
-                from clipret.evaluation.device_ranks import DeviceMembers, block_ranks
+                from clipret.evaluation.device_ranks import DeviceMembers, block_rank_parts
 
                 if not on_device:
                     on_device.append(DeviceMembers(gallery_codes, block.device))
-                parts = [[_per_query(*block_ranks(block, codes, on_device[0], own), ks)]]
+                parts = [[v for hits, r in block_rank_parts(block, codes, on_device[0], own) for v in _sliced(hits, r, ks)]]
             else:
                 cuts = np.linspace(0, codes.size, min(workers, codes.size) + 1).astype(int)
                 jobs = [(p, block, codes, own, int(a), int(b)) for p, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -147,6 +147,19 @@ def evaluate_scores(
 def _is_tensor(block: object) -> bool:
     """A torch tensor (told apart without importing torch)."""
     return type(block).__module__.partition(".")[0] == "torch"
+
+
+def _sliced(hits: np.ndarray, n_rel: np.ndarray, ks: list[int]) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """:func:`_per_query` over runs of whole queries holding about ``_HITS_PER_BATCH`` ranks each
+    (one query may hold more), so that its temporaries stay bounded."""
+    ends = np.cumsum(n_rel)
+    out, q0 = [], 0
+    while q0 < n_rel.size:
+        start = int(ends[q0 - 1]) if q0 else 0
+        q1 = min(n_rel.size, max(q0 + 1, int(np.searchsorted(ends, start + _HITS_PER_BATCH, side="right"))))
+        out.append(_per_query(hits[start : int(ends[q1 - 1])], n_rel[q0:q1], ks))
+        q0 = q1
+    return out
 
 
 def _per_query(hits: np.ndarray, n_rel: np.ndarray, ks: list[int]) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -167,9 +167,11 @@ def score_function(
     searcher: Searcher | None = None,
     graph: GalleryGraph | None = None,
     exclude: np.ndarray | None = None,
+    to_host: bool = True,
 ) -> ScoreFn:
-    """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better
-    (numpy, or a torch tensor on the GPU that scored them).
+    """``score(q0, q1) -> (q1 - q0, G)`` float32 final scores over the whole gallery, higher is better:
+    numpy, or with ``to_host=False`` a torch tensor on the GPU that scored them (what
+    :func:`clipret.evaluation.evaluate_scores` takes; re-ranking scores are numpy either way).
 
     For full-ranking evaluation (:func:`clipret.evaluation.evaluate_embeddings`):
     cosine scores of the (expanded) queries, or ``1 - final distance`` after
@@ -184,4 +186,4 @@ def score_function(
         graph_searcher = None if searcher.exact else searcher  # exact search: the graph uses its own exact kNN
         batch = prepare_rerank(q, gallery, k1=stages.k1, k2=stages.k2, lam=stages.lam, graph=graph, searcher=graph_searcher)
         return rerank_scores(batch, rows)
-    return matmul_scores(q, gallery, rows, to_host=False)
+    return matmul_scores(q, gallery, rows, to_host=to_host)

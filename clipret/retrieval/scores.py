@@ -32,8 +32,9 @@ __all__ = ["AUTO_MIN_SCORE_WORK", "ScoreFn", "device_matmul_scores", "matmul_sco
 
 AUTO_MIN_SCORE_WORK = 1 << 34  # Q×G×D multiply-adds below which the automatic choice keeps the CPU
 
-ScoreFn = Callable[[int, int], np.ndarray]
-"""``score_fn(q0, q1) -> (q1 - q0, G)`` float scores of queries q0..q1-1, higher is better.
+ScoreFn = Callable[[int, int], Any]
+"""``score_fn(q0, q1) -> (q1 - q0, G)`` float scores of queries q0..q1-1, higher is better: a numpy
+array, or a torch tensor on the device that made it where the caller asked for that (``to_host=False``).
 
 The returned block is read before the next call, so a score function may
 reuse one output buffer.

@@ -124,6 +124,9 @@ def search_device(work: int | None = None, *, min_work: int = AUTO_MIN_WORK) -> 
 
     if not torch.cuda.is_available():
         raise ClipretError(f"{said} but torch sees no CUDA GPU; use cpu or auto")
+    count = torch.cuda.device_count()
+    if value.startswith("cuda:") and int(value[5:]) >= count:
+        raise ClipretError(f"{said} but torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return _cuda_device(value)
 
 
