@@ -70,3 +70,17 @@ def test_train_bench_runs_and_checkpointing_reaches_every_block(tmp_path: Path) 
 def test_gpu_run_script_is_valid_bash() -> None:
     r = subprocess.run(["bash", "-n", str(BENCH / "gpu_run.sh")], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_before_after_runs_both_sides_interleaved_and_reports_their_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "ba.json"
+    r = _run([str(BENCH / "before_after.py"), "--old", str(ROOT), "--rounds", "2", "--json", str(out), "--", "index", "--help"])
+    sides = [line.split()[2].rstrip(":") for line in r.stdout.splitlines() if line.startswith("round")]
+    assert sides == ["new", "old", "old", "new"]  # interleaved, so a drift of the machine hits both
+    res = json.loads(out.read_text())
+    new, old = sorted(res["times"]["new"]), sorted(res["times"]["old"])
+    assert res["ratio_new_over_old"] == pytest.approx((new[0] + new[1]) / (old[0] + old[1]))
+    assert f"ratio new / old {res['ratio_new_over_old']:.3f}" in r.stdout
+    bad = subprocess.run([sys.executable, str(BENCH / "before_after.py"), "--old", str(ROOT), "--rounds", "1", "--",
+                          "index", "--no-such-flag"], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "failed" in bad.stderr  # a failing command is reported, never timed

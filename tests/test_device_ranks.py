@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clipret.evaluation import evaluate_scores, score_chunks
+from clipret.evaluation import device_ranks
 from clipret.evaluation.device_ranks import DeviceMembers, block_ranks
 from clipret.retrieval import scores as scores_mod
 from reference_ranks import ref_evaluate_scores, ref_rank_of
@@ -26,8 +27,10 @@ def slow_ranks(scores, q_codes, g_codes, own):
     return ranks, n_rel
 
 
+@pytest.mark.parametrize("spread", [0, 1, 7])  # items below every relevant one: row bin 0, or spare bins
 @pytest.mark.parametrize("seed", range(6))
-def test_block_ranks_equal_the_definition_with_heavy_ties(seed):
+def test_block_ranks_equal_the_definition_with_heavy_ties(seed, spread, monkeypatch):
+    monkeypatch.setattr(device_ranks, "HOT_BIN_SPREAD", spread)
     rng = np.random.default_rng(seed)
     n, g = int(rng.integers(1, 14)), int(rng.integers(1, 80))
     scores = np.round(rng.standard_normal((n, g)), 1).astype(np.float32)  # ~30 distinct values: ties everywhere
@@ -40,7 +43,9 @@ def test_block_ranks_equal_the_definition_with_heavy_ties(seed):
     assert got.tolist() == want
 
 
-def test_block_ranks_for_large_classes_and_exact_duplicates():
+@pytest.mark.parametrize("spread", [0, 3])
+def test_block_ranks_for_large_classes_and_exact_duplicates(spread, monkeypatch):
+    monkeypatch.setattr(device_ranks, "HOT_BIN_SPREAD", spread)
     rng = np.random.default_rng(11)
     g_codes = rng.integers(0, 3, 400)  # R ~ 130 per query: beyond RankCounter's direct path too
     scores = rng.standard_normal((9, 400)).astype(np.float32)

@@ -532,4 +532,5 @@ def test_evaluate_bench_compares_with_a_torch_floor(tmp_path):
     assert set(res["ratios"]) == {"a", "t"} and res["ratios"]["t"] == pytest.approx(res["clipret_s"] / res["torch_floor_s"])
     split = res["device_split"]  # the rank counting's share, measured apart from the matmuls
     assert "(s) inside clipret on cpu" in r.stdout and 0 < split["scores_s"] and 0 < split["scores_and_ranks_s"]
+    assert 0 < split["scores_and_ranks_spread_s"] and "HOT_BIN_SPREAD 4096" in r.stdout
     assert 0 <= res["metrics"]["map"] <= 1

@@ -36,6 +36,11 @@ __all__ = ["DeviceMembers", "SLICE_ITEMS", "SLICE_SLOTS", "block_rank_parts", "b
 
 SLICE_ITEMS = 1 << 25  # scores counted at once (rows x G)
 SLICE_SLOTS = 1 << 23  # relevant items counted at once (rows x the largest R among them)
+# Items scored below every relevant item of their row all land in that row's bin 0, which no rank
+# reads; with HOT_BIN_SPREAD > 0 they go to that many shared spare bins instead (by column), so the
+# histogram's atomic adds do not queue on one address per row. Off until a GPU measures it
+# (bench/evaluate.py times both in its device split); the ranks are the same either way.
+HOT_BIN_SPREAD = 0
 
 
 class DeviceMembers:
@@ -132,11 +137,19 @@ def _block_ranks(block: Any, codes: np.ndarray, members: DeviceMembers, own: np.
     rel = rel.gather(1, perm)
     valid = slot[None, :] < n_valid[:, None]
 
-    wide = n * (rmax + 1) >= 2**31  # bincount slots that int32 cannot number
+    wide = n * (rmax + 1) + HOT_BIN_SPREAD >= 2**31  # bincount slots that int32 cannot number
     below = torch.searchsorted(thresholds, block, side="left", out_int32=not wide)  # (n, G): thresholds < s_i
     tied = thresholds.gather(1, below.clamp(max=rmax - 1).long()) == block  # s_i equals some threshold
-    below += (torch.arange(n, device=dev, dtype=below.dtype) * (rmax + 1))[:, None]
-    hist = torch.bincount(below.view(-1), minlength=n * (rmax + 1)).view(n, rmax + 1)
+    bins = n * (rmax + 1)
+    if HOT_BIN_SPREAD > 0:
+        spare = (bins + torch.arange(g, device=dev, dtype=below.dtype) % HOT_BIN_SPREAD)[None, :]
+        cold = below != 0
+        below += (torch.arange(n, device=dev, dtype=below.dtype) * (rmax + 1))[:, None]
+        torch.where(cold, below, spare, out=below)
+        del cold
+    else:
+        below += (torch.arange(n, device=dev, dtype=below.dtype) * (rmax + 1))[:, None]
+    hist = torch.bincount(below.view(-1), minlength=bins)[:bins].view(n, rmax + 1)
     del below
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # (n, rmax): items with a score > thresholds[:, r]
 
