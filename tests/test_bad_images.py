@@ -369,6 +369,34 @@ def test_embed_strict_checks_every_image_first_and_embeds_nothing(tmp_path, monk
     assert not out.parent.exists()  # nothing written: no OUT, no OUT.parts
 
 
+def test_strict_check_reports_its_progress_before_the_embedding(tmp_path):
+    """--strict's up-front check is a progress stage of its own: the API's callback gets ("check",
+    done, N) up to N before any ("embed", ...), and the CLI draws a "check images" bar for it."""
+    from clipret import Encoder
+
+    folder = tmp_path / "imgs"
+    names = write_normal_images(folder, 5)
+    seen: list[tuple[str, int, int]] = []
+    emb = Encoder.load(TINY_RN, "none", device="cpu").embed_folder(folder, strict=True, workers=0, progress=lambda *e: seen.append(e))
+    assert len(emb) == len(names)
+    checks = [e for e in seen if e[0] == "check"]
+    first_embed = next(i for i, e in enumerate(seen) if e[0] == "embed")
+    assert checks[0] == ("check", 0, 5) and checks[-1] == ("check", 5, 5) and seen.index(checks[-1]) < first_embed
+    assert [d for _, d, _ in checks] == sorted(d for _, d, _ in checks)  # counts only go up
+    again: list[tuple[str, int, int]] = []  # verdicts from the check's cache still count as checked
+    Encoder.load(TINY_RN, "none", device="cpu").embed_folder(folder, strict=True, workers=0, progress=lambda *e: again.append(e))
+    assert ("check", 5, 5) in again
+    quiet: list[tuple[str, int, int]] = []
+    Encoder.load(TINY_RN, "none", device="cpu").embed_folder(folder, workers=0, progress=lambda *e: quiet.append(e))
+    assert quiet and {e[0] for e in quiet} == {"embed"}  # no check without --strict
+
+    r = subprocess.run([sys.executable, "-m", "clipret", "embed", str(folder), "--out", str(tmp_path / "x.npy"), "--strict",
+                        *map(str, EMBED_FLAGS)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CLIPRET_PROGRESS": "1", "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "check images (embed)" in r.stderr and "5/5" in r.stderr.split("check images (embed)")[1].splitlines()[0]
+
+
 def test_query_folder_with_bad_files(mixed, tmp_path):
     folder, expected = mixed
     gallery_dir = tmp_path / "gallery"

@@ -64,11 +64,14 @@ def rank_stage_progress(description: str) -> Iterator[Any]:
             _console.info(f"rank {runtime.rank()} of {runtime.world_size()}: {total} image(s) to embed", label="debug:")
 
     if not runtime.is_main():
-        yield lambda stage, done, total: say_count(done, total)
+        yield lambda stage, done, total: say_count(done, total) if stage == "embed" else None
         return
     name = description if runtime.world_size() == 1 else f"{description} (rank 0's share)"
     with _console.stage_progress() as bar:
         def progress(stage: str, done: int, total: int) -> None:
+            if stage != "embed":  # the --strict check before it
+                bar(f"check images ({description})", done, total)
+                return
             say_count(done, total)
             bar(name, done, total)
 

@@ -80,7 +80,8 @@ class Encoder:
         ``folder`` may be a dataset CSV (``path,label,split[,is_query,is_gallery]``): its gallery
         rows, or ``rows="query"`` (``validation``, ``train``, ``all``). ``options``: batch_size,
         workers, strict, resume, overwrite, shard_size, dba, exact_decode, decode (``auto``, ``gpu``, ``pil``), rows. ``progress(stage,
-        done, total)`` is called with stage ``"embed"`` (under torchrun: this rank's share).
+        done, total)`` is called with stage ``"embed"`` (under torchrun: this rank's share), and before
+        it with stage ``"check"`` while ``strict`` checks every image.
         """
         from clipret.embedding.folder import embed_folder
 
@@ -96,7 +97,7 @@ class Encoder:
 
         return embed_folder(folder, self.model, self.pretrained, out=out, tta=tta, device=self.device, amp=self.amp,
                             on_start=on_start, on_batch=on_batch if progress is not None else None,
-                            opened=(self.module, self.spec, self.fingerprint), **options)
+                            opened=(self.module, self.spec, self.fingerprint), on_check=progress, **options)
 
     def _flags(self, tta: str | None) -> dict[str, Any]:
         return {"model": self.model, "pretrained": self.spec.pretrained, "pool": self.spec.pool,

@@ -19,6 +19,7 @@ from clipret.embedding.batches import tf32_matmuls
 from clipret.embedding.sharded import run
 from clipret.embedding.tta import parse_tta
 from clipret.parallel import groups
+from clipret.progress import StageProgress
 
 __all__ = ["embed_folder"]
 
@@ -45,6 +46,7 @@ def embed_folder(
     opened: tuple[Any, Any, str] | None = None,
     rows: str | None = None,
     decode: str = "auto",
+    on_check: StageProgress | None = None,
 ) -> Embeddings:
     """List, decode and embed every image under ``folder`` with ``model``.
 
@@ -71,7 +73,8 @@ def embed_folder(
     returns the whole result; with ``out`` it alone writes ``out`` (after DBA) and the
     other ranks return the rows they embedded (no DBA); without ``out`` every rank returns
     the whole result (gathered in memory: each rank takes one contiguous block of ids).
-    ``on_start(n)`` gets the number of images this rank will handle.
+    ``on_start(n)`` gets the number of images this rank will handle; ``on_check(stage, done, total)``
+    follows the ``strict`` check (stage ``"check"``, on the rank that lists the folder).
 
     ``folder`` may be a dataset CSV: its ``rows`` (``gallery``, ``query``, ``validation``,
     ``train`` or ``all``; default ``gallery``) are embedded, ids relative to the CSV's folder.
@@ -86,4 +89,4 @@ def embed_folder(
         return run(folder, model, pretrained, out=Path(out) if out is not None else None, shard_size=shard_size,
                    resume=resume, overwrite=overwrite, batch_size=batch_size, workers=workers, device=dev, amp=amp,
                    strict=strict, tta=parse_tta(tta), dba=dba, exact_decode=exact_decode, on_start=on_start,
-                   on_batch=on_batch, group=group, opened=opened, rows=rows, decode=decode)
+                   on_batch=on_batch, group=group, opened=opened, rows=rows, decode=decode, on_check=on_check)

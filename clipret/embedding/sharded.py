@@ -32,6 +32,7 @@ import torch
 from clipret import artifacts, runtime
 from clipret.artifacts import Embeddings
 from clipret.data.decode import decode_side_for
+from clipret.progress import StageProgress, stage_counter
 from clipret.data.sources import image_root, list_images_of
 from clipret.data.validate import check_images
 from clipret.embedding.batches import default_batch_size, embed_shards
@@ -70,11 +71,12 @@ class Job:
 def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | None, shard_size: int | None, resume: bool,
         overwrite: bool, batch_size: int | None, workers: int | None, device: Any, amp: str, strict: bool, tta: str | None,
         dba: int, exact_decode: bool, on_start: Callable[[int], None] | None, on_batch: Callable[[int], None] | None,
-        group: Any, opened: tuple[Any, Any, str] | None = None, rows: str | None = None, decode: str = "auto") -> Embeddings:
+        group: Any, opened: tuple[Any, Any, str] | None = None, rows: str | None = None, decode: str = "auto",
+        on_check: StageProgress | None = None) -> Embeddings:
     """See :func:`clipret.embedding.folder.embed_folder`; ``group`` is :func:`clipret.parallel.groups.work_group`'s."""
     rank, world = groups.rank_and_world(group)
     autocast = runtime.resolve_amp(amp, device)
-    ids, unlisted = groups.from_main(lambda: list_folder(folder, strict, workers, rows), group)
+    ids, unlisted = groups.from_main(lambda: list_folder(folder, strict, workers, rows, on_check), group)
     folder = image_root(folder)
     encoder, spec, fingerprint = open_same_model(model, pretrained, group, opened)
     transform = tta_transform(spec.preprocess, tta)
@@ -105,15 +107,16 @@ def run(folder: str | Path, model: str, pretrained: str | None, *, out: Path | N
     return merge_shards(job, shards, flags, dba, out)
 
 
-def list_folder(folder: str | Path, strict: bool, workers: int | None,
-                rows: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
-    """The image ids under ``folder`` and the files that are not images; with ``strict``, every image checked.
+def list_folder(folder: str | Path, strict: bool, workers: int | None, rows: str | None = None,
+                on_check: StageProgress | None = None) -> tuple[list[str], list[dict[str, str]]]:
+    """The image ids under ``folder`` and the files that are not images; with ``strict``, every image
+    checked (reported to ``on_check`` as stage ``"check"``).
 
     ``folder`` may be a dataset CSV (:mod:`clipret.data.dataset_csv`): its ``rows`` (default
     ``gallery``), ids relative to the CSV's folder."""
     ids, unlisted = list_images_of(folder, rows)
     if strict:
-        check_all(image_root(folder), ids, unlisted, workers)
+        check_all(image_root(folder), ids, unlisted, workers, on_check)
     return ids, unlisted
 
 
@@ -215,11 +218,16 @@ def merge_shards(job: Job, shards: list[Embeddings], flags: dict[str, Any], dba:
     return result
 
 
-def check_all(folder: str | Path, ids: list[str], unlisted: list[dict[str, str]], workers: int | None) -> None:
+def check_all(folder: str | Path, ids: list[str], unlisted: list[dict[str, str]], workers: int | None,
+              on_progress: StageProgress | None = None) -> None:
     """--strict, before anything is embedded: check every image as training does
-    (:func:`clipret.data.validate.check_images`, cached) and raise one :class:`ClipretError` that
-    counts every unreadable file (the ones a run without --strict skips) and names the first."""
-    bad = check_images(folder, ids, workers=max(1, runtime.resolve_workers(workers, len(ids))))
+    (:func:`clipret.data.validate.check_images`, cached; ``on_progress("check", done, total)``) and
+    raise one :class:`ClipretError` that counts every unreadable file (the ones a run without
+    --strict skips) and names the first."""
+    if on_progress is not None:
+        on_progress("check", 0, len(ids))
+    bad = check_images(folder, ids, workers=max(1, runtime.resolve_workers(workers, len(ids))),
+                       on_progress=stage_counter(on_progress, "check", len(ids)))
     unreadable = sorted(unlisted + [{"id": i, "reason": r} for i, r in bad.items()], key=lambda s: s["id"])
     if unreadable:
         raise ClipretError(strict_message(unreadable))
