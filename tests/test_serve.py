@@ -140,6 +140,9 @@ def test_batch_answers_each_query_as_search_does(env, client):
     ({"id": "x", "k": 0}, 422, "bad_option"),
     ({"id": "x", "k": 10**6}, 422, "bad_option"),
     ({"id": "x", "qe": -1}, 422, "bad_option"),
+    ({"id": "x", "k": "\u00b2"}, 422, "bad_option"),                # a digit to str.isdigit, not to int()
+    ({"id": "x", "qe": "\u0663"}, 422, "bad_option"),               # an Arabic-Indic digit
+    ({"id": "x", "k": "9" * 5000}, 422, "bad_option"),               # past int()'s digit limit
     ({"id": "x", "rerank": "maybe"}, 422, "bad_option"),
     ({"id": "x", "topk": 3}, 422, "bad_option"),                     # a typo is not silently ignored
     ({"image": base64.b64encode(b"png").decode(), "tta": "flips"}, 422, "bad_option"),
@@ -168,6 +171,9 @@ def test_malformed_bodies_nan_and_wrong_content_types_are_4xx(env, client):
     assert client.post("/search", files={"other": ("a.png", b"x")}).status_code == 400  # no 'image' file
     r = client.post("/search", files={"image": ("a.png", env.queries[0].read_bytes())}, data={"topk": "3"})
     assert r.status_code == 422 and "topk" in r.json()["detail"]  # an unknown form field
+    for k in ("\u00b2", "7" * 5000):  # form fields too: 422, never a 500
+        r = client.post("/search", files={"image": ("a.png", env.queries[0].read_bytes())}, data={"k": k})
+        assert r.status_code == 422 and r.json()["kind"] == "bad_option" and len(r.json()["detail"]) < 200, r.text
     r = client.post("/search", data={"k": "3"}, files={"image": ("a.png", b"")})
     assert r.status_code == 400 and "empty" in r.json()["detail"]
     assert client.post("/search/batch", json={"queries": []}).status_code == 400
@@ -252,11 +258,39 @@ def test_thumbnails_serve_gallery_items_and_nothing_outside_the_root(env, client
     reads: list[str] = []
     monkeypatch.setattr(thumbs, "_cached_thumbnail", lambda p, *a: reads.append(p))
     root = Path(env.gallery.root)
-    for bad in ("../" + item, "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "/etc/passwd", f"{root}/{item}",
+    for bad in ("..%2F" + item, "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "/etc/passwd", f"{root}/{item}",
                 "%2E%2E/%2E%2E/etc/passwd", "no/such.png", item + "%00"):
         r = client.get(f"/items/{bad}/thumbnail")
         assert r.status_code == 404 and r.json()["kind"] == "not_found", bad
     assert reads == []  # refused ids never reach a file read
+
+
+def test_thumbnails_of_manifest_ids_that_leave_the_root_are_404_over_http(env, tmp_path, monkeypatch):
+    """Ids that are in the manifest but lead outside its root (a symlink out, ``..``, an absolute
+    path): the request reaches the route and is refused there, and no file outside is read."""
+    import copy
+
+    import clipret.serve.thumbs as thumbs
+
+    root, outside = tmp_path / "root", tmp_path / "secret.png"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(root / "a" / "ok.png")
+    Image.new("RGB", (8, 8), "blue").save(outside)
+    os.symlink(outside, root / "a" / "link.png")
+    service = copy.copy(env.service)
+    service.gallery = copy.copy(env.service.gallery)
+    service.gallery.root = root
+    bad = ["a/link.png", "../secret.png", str(outside)]
+    service._rows = {name: i for i, name in enumerate(["a/ok.png", *bad])}
+    reads: list[str] = []
+    real = thumbs._cached_thumbnail
+    monkeypatch.setattr(thumbs, "_cached_thumbnail", lambda p, *a: reads.append(p) or real(p, *a))
+    with TestClient(create_app(env.settings, service)) as c:
+        assert c.get("/items/a/ok.png/thumbnail").status_code == 200
+        for item in bad:
+            r = c.get("/items/" + item.replace("/", "%2F").replace(".", "%2E") + "/thumbnail")
+            assert r.status_code == 404 and r.json()["kind"] == "not_found", item
+    assert reads == [os.path.realpath(root / "a" / "ok.png")]
 
 
 def test_item_path_refuses_traversal_and_symlinks_that_leave_the_root(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = ["MAX_TEXT_CHARS", "decode_image", "query_from_json", "query_from_uplo
 MAX_TEXT_CHARS = 2000  # the tokenizer keeps 77 tokens anyway; this only bounds the work
 MAX_ASPECT = 100  # longer side / shorter side: resizing the shorter side to the model input must stay bounded
 OPTION_KEYS = ("k", "qe", "rerank", "tta")
+_WHOLE = re.compile(r"-?[0-9]{1,18}")  # a whole number as text (a longer one is out of every range)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -78,10 +80,12 @@ def _vector(value: Any, dim: int) -> np.ndarray:
 def _int(raw: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = raw.get(key)
     value = default if value is None else value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):  # ASCII digits only: int() also takes "²"
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(422, "bad_option", f"'{key}' must be a whole number from {low} to {high}, got {value!r}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise RequestError(422, "bad_option", f"'{key}' must be a whole number from {low} to {high}, got {shown}")
     return value
 
 
