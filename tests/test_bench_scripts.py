@@ -84,3 +84,9 @@ def test_before_after_runs_both_sides_interleaved_and_reports_their_ratio(tmp_pa
     bad = subprocess.run([sys.executable, str(BENCH / "before_after.py"), "--old", str(ROOT), "--rounds", "1", "--",
                           "index", "--no-such-flag"], cwd=ROOT, check=False, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "failed" in bad.stderr  # a failing command is reported, never timed
+
+
+def test_report_size_bench_writes_and_measures_a_report() -> None:
+    r = _run([str(BENCH / "report_size.py"), "--queries", "300", "--gallery", "40", "--photos", "6", "--no-browser"])
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("300 queries x 40 gallery items"))
+    assert float(line.split(": ")[1].split(" MB")[0]) > 0  # a page was written and measured

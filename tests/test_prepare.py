@@ -336,3 +336,17 @@ def test_download_offline_fails_at_once_naming_source(tmp_path: Path, monkeypatc
     assert "dead" in _cli("prepare", "cars196", tmp_path / "x", "--download", code=2)
     assert len(asked) == 1  # none of those touched the network
     assert download.probe("example.invalid") == "Network is unreachable"
+    out = _cli("prepare", "fashion-mnist", tmp_path / "f", "--download", code=2)  # served over plain http
+    assert asked[-1] == ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80)
+
+
+def test_download_probes_the_host_and_port_torchvision_fetches_from() -> None:
+    import torchvision.datasets as tvd
+
+    from clipret.prepare.download import TORCHVISION, host_and_port
+
+    urls = {"FashionMNIST": tvd.FashionMNIST.mirrors[0], "CIFAR100": tvd.CIFAR100.url, "Food101": tvd.Food101._URL,
+            "OxfordIIITPet": tvd.OxfordIIITPet._RESOURCES[0][0]}  # torchvision's own, private for some
+    for cls_name, url, _ in TORCHVISION.values():
+        assert host_and_port(url) == host_and_port(urls[cls_name]), cls_name
+    assert host_and_port("http://a.example/x") == ("a.example", 80) and host_and_port("https://b.example:8443/") == ("b.example", 8443)

@@ -107,6 +107,42 @@ def test_missing_gallery_image_is_a_labelled_placeholder(rset, tiny_dataset, tmp
     assert f'alt="{first}"' not in html  # never a broken <img>
 
 
+def test_images_skipped_when_embedded_are_named_with_their_reason(tiny_dataset, tmp_path):
+    """A file embed could not read is in no result; the report names it (and its side) with the reason,
+    from the results sidecar, or from the gallery manifest for a sidecar that does not record it."""
+    gallery, query = tmp_path / "gallery", tmp_path / "query"
+    shutil.copytree(tiny_dataset / "test" / "gallery", gallery)
+    shutil.copytree(tiny_dataset / "test" / "query", query)
+    cls = sorted(p.name for p in gallery.iterdir())[0]
+    (gallery / cls / "zz_broken.png").write_bytes(b"not an image")
+    (query / cls / "zz_empty.png").write_bytes(b"")
+    enc = clipret.Encoder.load(TINY_RN, "none", device="cpu")
+    g = enc.embed_folder(gallery, out=tmp_path / "g.npy", workers=0)
+    assert [s["id"] for s in g.skipped] == [f"{cls}/zz_broken.png"]
+    results = tmp_path / "results.json"
+    cli("query", query, "--gallery", tmp_path / "g.npy", "--out", results, "--model", TINY_RN, "--pretrained", "none",
+        "--workers", 0, "--device", "cpu")
+    sidecar = json.loads(Path(f"{results}.json").read_text())
+    assert sidecar["query"]["skipped_count"] == 1 and sidecar["query"]["skipped"][0]["id"] == f"{cls}/zz_empty.png"
+
+    def skipped_table(html: str) -> list[tuple[str, str, str]]:
+        table = html[html.index('id="skipped"'):html.index("</table>", html.index('id="skipped"'))]
+        return re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", table)
+
+    out = tmp_path / "r.html"
+    cli("report", results, "--labels", tiny_dataset / "test" / "labels.csv", "--out", out, "--thumb", THUMB)
+    html = out.read_text(encoding="utf-8")
+    assert "Skipped images (2:" in html
+    got = skipped_table(html)
+    assert [(side, image_id) for side, image_id, _ in got] == [("query", f"{cls}/zz_empty.png"), ("gallery", f"{cls}/zz_broken.png")]
+    assert "empty" in got[0][2] and got[1][2]
+    for side in ("query", "gallery"):  # a sidecar from before: the gallery's manifest still names its file
+        del sidecar[side]["skipped"], sidecar[side]["skipped_count"]
+    Path(f"{results}.json").write_text(json.dumps(sidecar))
+    cli("report", results, "--out", out, "--thumb", THUMB)
+    assert [row[:2] for row in skipped_table(out.read_text(encoding="utf-8"))] == [("gallery", f"{cls}/zz_broken.png")]
+
+
 def test_size_is_bounded_by_worst_not_by_the_number_of_queries(tmp_path):
     n_q, n_g, classes = 20_000, 300, 10
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """``clipret prepare NAME ROOT --download``: fetch the raw files through torchvision's dataset classes.
 
-Before torchvision is asked, the dataset's host is probed with one TCP connection (3 s), so an
-offline machine fails at once with a line that names ``--source``. Datasets torchvision cannot
+Before torchvision is asked, the host of the URL torchvision downloads from is probed with one TCP
+connection (3 s; port 80 for an ``http`` URL, 443 for ``https``), so an offline machine fails at once with a line that names ``--source``. Datasets torchvision cannot
 fetch (CUB-200-2011, SOP, In-Shop, and Cars-196, whose download links are dead) say where to
 get them by hand.
 """
@@ -11,17 +11,18 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from clipret.errors import ClipretError, first_line
 
-__all__ = ["TORCHVISION", "MANUAL", "probe", "download", "default_folder"]
+__all__ = ["TORCHVISION", "MANUAL", "host_and_port", "probe", "download", "default_folder"]
 
-# name -> (torchvision class, the host it downloads from, keyword arguments)
+# name -> (torchvision class, the URL it downloads from (torchvision 0.29's), keyword arguments)
 TORCHVISION = {
-    "fashion-mnist": ("FashionMNIST", "fashion-mnist.s3-website.eu-central-1.amazonaws.com", {"train": True}),
-    "cifar100": ("CIFAR100", "www.cs.toronto.edu", {"train": True}),
-    "food101": ("Food101", "data.vision.ee.ethz.ch", {"split": "train"}),
-    "oxford-pets": ("OxfordIIITPet", "www.robots.ox.ac.uk", {"split": "trainval"}),
+    "fashion-mnist": ("FashionMNIST", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {"train": True}),
+    "cifar100": ("CIFAR100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", {"train": True}),
+    "food101": ("Food101", "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", {"split": "train"}),
+    "oxford-pets": ("OxfordIIITPet", "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz", {"split": "trainval"}),
 }
 MANUAL = {
     "cub200": "fetch CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/",
@@ -32,6 +33,12 @@ MANUAL = {
                "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"),
     "folder": "prepare folder reads your own SRC folder; there is nothing to download",
 }
+
+
+def host_and_port(url: str) -> tuple[str, int]:
+    """``(host, port)`` a download from ``url`` connects to: the URL's port, else 80 for http and 443 for https."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
 
 
 def probe(host: str, port: int = 443, timeout: float = 3.0) -> str | None:
@@ -54,8 +61,9 @@ def download(name: str, folder: Path | None) -> Path:
     """Download dataset ``name``'s raw files into ``folder`` (default :func:`default_folder`); returns it."""
     if name not in TORCHVISION:
         raise ClipretError(f"{name} is not downloadable by clipret: {MANUAL.get(name, 'fetch it by hand')}, and pass --source DIR")
-    cls_name, host, kwargs = TORCHVISION[name]
-    reason = probe(host)
+    cls_name, url, kwargs = TORCHVISION[name]
+    host, port = host_and_port(url)
+    reason = probe(host, port)
     if reason is not None:
         raise ClipretError(f"--download cannot reach {host} ({reason}); fetch {name}'s raw files elsewhere and pass --source DIR")
     target = folder or default_folder(name)

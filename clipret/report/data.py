@@ -62,6 +62,8 @@ class ReportData:
     chance: float | None = None
     settings: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (side, id, reason): not in the results
+    n_skipped: int = 0  # all of them, also those the sidecar only counts
 
 
 def image_root(results_path: Path, side: dict[str, Any] | None, override: Path | None, flag: str) -> Path | None:
@@ -122,6 +124,7 @@ def gather(results: PathLike, *, labels: PathLike | None = None, gallery: PathLi
         folder = load_labels(None, res.query_ids + res.gallery_ids)
         label_map = folder if len(folder) == len(set(res.query_ids + res.gallery_ids)) else None
     data = ReportData(source=str(path), rows=[], n_queries=len(res), settings=settings_of(res.meta, path))
+    data.skipped, data.n_skipped = skipped_of(path, res.meta, gallery)
     roots = {"q": image_root(path, res.meta.get("query"), _opt(queries), "--queries"),
              "g": image_root(path, _gallery_side(res.meta, gallery), _opt(gallery_images), "--gallery-images")}
     for side, flag in (("q", "--queries"), ("g", "--gallery-images")):
@@ -149,6 +152,29 @@ def gather(results: PathLike, *, labels: PathLike | None = None, gallery: PathLi
                  for g, lab, s in zip(gids, g_labels, res.scores[i])]
         data.rows.append(Row(Item(f"q:{qid}", qid, _path(roots["q"], qid), q_label), items, ap, first))
     return data
+
+
+def skipped_of(results_path: Path, meta: dict[str, Any], gallery: PathLike | None = None
+               ) -> tuple[list[tuple[str, str, str]], int]:
+    """``([(side, id, reason)], count)``: the images of either side that could not be read when they
+    were embedded (so no result holds them). From the sidecar; for a sidecar written before it
+    recorded them, from the manifest of the ``.npy`` it names."""
+    from clipret.artifacts import manifest_path, read_json
+    from clipret.retrieval.compat import recorded_path
+
+    listed: list[tuple[str, str, str]] = []
+    count = 0
+    for side, recorded in (("query", meta.get("query")), ("gallery", _gallery_side(meta, gallery))):
+        recorded = recorded or {}
+        entries = recorded.get("skipped")
+        if entries is None:
+            where = recorded_path(results_path, recorded)
+            if where is not None and where.suffix == ".npy" and manifest_path(where).is_file():
+                entries = (read_json(manifest_path(where), "manifest") or {}).get("skipped")
+        entries = [e for e in entries or [] if isinstance(e, dict)]
+        listed += [(side, str(e.get("id")), str(e.get("reason", ""))) for e in entries]
+        count += max(int(recorded.get("skipped_count") or 0), len(entries))
+    return listed, count
 
 
 def _opt(p: PathLike | None) -> Path | None:

@@ -127,6 +127,9 @@ def _row(row: Row, images: _Images, ap_label: str) -> str:
     return f'<div class="row" {data}>{query}{items}</div>'
 
 
+SKIPPED_SHOWN = 200  # skipped images listed on the page (all are counted)
+
+
 def render(data: ReportData, thumbs: Thumbs) -> str:
     """The report's HTML text for ``data``; ``thumbs`` makes (and keeps) the thumbnails."""
     images = _Images(thumbs)
@@ -143,6 +146,12 @@ def render(data: ReportData, thumbs: Thumbs) -> str:
         tables.append(("Per class, worst first", _table(["class", "queries", "R@1", "MAP@R"], [
             [c["class"], c["n_queries"], c["recall@1"], c["map@r"]] for c in data.per_class], "per-class")))
     tables.append(("Settings", _table(["setting", "value"], [list(s) for s in data.settings], "settings")))
+    if data.n_skipped:
+        shown_skips = data.skipped[:SKIPPED_SHOWN]
+        more = data.n_skipped - len(shown_skips)
+        tables.append((f"Skipped images ({data.n_skipped}: unreadable when embedded, in no result)",
+                       _table(["side", "id", "reason"], [list(s) for s in shown_skips], "skipped")
+                       + (f'<p class="note">+{more} more, not listed here</p>' if more else "")))
     parts.append('<div class="tables">' + "".join(f"<section><h2>{t}</h2>{html}</section>" for t, html in tables) + "</div>")
     shown = f"{len(data.rows)} of {data.n_queries} queries" + (", the lowest AP first" if data.metrics else "")
     labels = sorted({r.query.label for r in data.rows if r.query.label is not None})

@@ -35,6 +35,9 @@ def check_compatible(query: Embeddings, gallery: Embeddings, *, allow_mismatch: 
     return warnings
 
 
+SKIPPED_RECORDED = 1000  # unreadable files a results sidecar names per side (all are counted)
+
+
 def describe(emb: Embeddings, source: str | Path | None = None, *, relative_to: str | Path | None = None) -> dict[str, Any]:
     """What a results sidecar records of one side: where it came from and which ids, in which order.
 
@@ -43,6 +46,7 @@ def describe(emb: Embeddings, source: str | Path | None = None, *, relative_to: 
     """
     where = source if source is not None else emb.path
     root = getattr(emb, "root", None)
+    skipped = [dict(s) for s in (getattr(emb, "skipped", None) or [])]  # the files that could not be read
     rel = None
     if where is not None and relative_to is not None:
         rel = os.path.relpath(Path(where).resolve(), Path(relative_to).resolve().parent)
@@ -55,6 +59,8 @@ def describe(emb: Embeddings, source: str | Path | None = None, *, relative_to: 
         "ids_sha256": ids_digest_of(emb),
         "fingerprint": emb.fingerprint,
         "flags": dict(emb.flags),
+        "skipped_count": len(skipped),
+        "skipped": skipped[:SKIPPED_RECORDED],
     }
 
 

@@ -38,6 +38,7 @@ class Gallery:
     root: Path | None = None  # the folder the ids are relative to, when the manifest records it
     dim_: int = 0
     search_params: dict[str, int | None] = field(default_factory=dict, repr=False)  # an index's nprobe, ef_search
+    skipped: list[dict[str, str]] = field(default_factory=list, repr=False)  # files embed could not read (a .npy's manifest)
 
     @property
     def dim(self) -> int:
@@ -211,7 +212,7 @@ def open_gallery(path: str | os.PathLike[str], *, nprobe: int | None = None, ef_
 
         emb = load_embeddings(path)
         gal = Gallery(emb.ids, emb.fingerprint, emb.flags, path, vectors=emb.vectors, content=emb.content, root=emb.root,
-                      dim_=emb.dim)
+                      skipped=list(emb.skipped), dim_=emb.dim)
     return gal
 
 
