@@ -126,3 +126,44 @@ def test_train_on_the_csv_validates_on_its_validation_rows(dataset_csv, tmp_path
     setup = events["setup"][0]
     assert setup["n_val"] == 24 and setup["n_train"] == 32 and setup["n_classes"] == 4
     assert "val_map@r" in events["epoch"][0] and summary
+
+
+@pytest.mark.parametrize("command", ["train", "query", "evaluate --query", "evaluate results"])
+def test_every_command_refuses_a_bad_csv_in_one_line_naming_the_row(tmp_path, command):
+    from clipret.artifacts import save_embeddings
+
+    path = _write(tmp_path, "path,label,split\na/1.png,a,train\na/2.png,a,test\n")
+    ids = ["a/1.png", "a/2.png", "b/3.png", "b/4.png"]
+    for side in ("q", "g"):
+        save_embeddings(tmp_path / f"{side}.npy", np.eye(4, 8, dtype=np.float32), ids, fingerprint="f")
+    clipret.retrieve(tmp_path / "q.npy", tmp_path / "g.npy", k=2).to_json(tmp_path / "r.json")
+    args = {
+        "train": ["train", path, "--out", tmp_path / "run", "--model", TINY_RN, "--epochs", 1, *COMMON],
+        "query": ["query", path, "--gallery", tmp_path / "g.npy", "--model", TINY_RN, "--out", tmp_path / "r2.json", *COMMON],
+        "evaluate --query": ["evaluate", "--query", tmp_path / "q.npy", "--gallery", tmp_path / "g.npy", "--labels", path],
+        "evaluate results": ["evaluate", tmp_path / "r.json", "--labels", path],
+    }[command]
+    message = _one_line_error(*args)
+    assert "d.csv:3:" in message and "unknown split 'test'" in message, message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r2.json").exists()
+
+
+@pytest.mark.slow
+def test_rows_that_are_both_query_and_gallery_never_find_themselves(tmp_path, tiny_dataset):
+    """is_query=1 and is_gallery=1 on the same rows: each query's own image is left out of its list
+    and of R (the self-match rule), with no flag."""
+    rows = [DatasetRow(p.relative_to(tiny_dataset).as_posix(), p.parent.name, "validation", True, True)
+            for p in sorted((tiny_dataset / "test" / "gallery").rglob("*.png"))]
+    path = tiny_dataset / "both.csv"
+    write_dataset_csv(path, rows)
+    _cli("embed", path, "--model", TINY_RN, "--out", tmp_path / "g.npy", *COMMON)
+    _cli("query", path, "--model", TINY_RN, "--gallery", tmp_path / "g.npy", "--k", 5, "--out", tmp_path / "r.json", *COMMON)
+    res = clipret.Results.load(tmp_path / "r.json")
+    assert res.query_ids == [r.path for r in rows]
+    assert all(q not in found for q, found in zip(res.query_ids, res.ids))
+    full = json.loads(_cli("evaluate", "--query", tmp_path / "g.npy", "--gallery", tmp_path / "g.npy", "--labels", path,
+                           "--json").stdout)
+    assert full["self_matches_excluded"] == len(rows)
+    kept = json.loads(_cli("evaluate", "--query", tmp_path / "g.npy", "--gallery", tmp_path / "g.npy", "--labels", path,
+                           "--keep-self", "--json").stdout)
+    assert kept["recall@1"] == 1.0 and full["recall@1"] < 1.0  # with itself kept, each query finds itself first
