@@ -131,6 +131,7 @@ class Embeddings:
 
     @property
     def dim(self) -> int:
+        """D, the width of ``vectors`` (N, D)."""
         return int(self.vectors.shape[1])
 
     def __len__(self) -> int:

@@ -67,6 +67,7 @@ class Stages:
 
     @property
     def any(self) -> bool:
+        """Whether any stage (DBA, QE, re-ranking) is on: False means a plain top-k search."""
         return bool(self.dba or self.qe or self.rerank)
 
     def to_dict(self) -> dict[str, Any]:
