@@ -85,6 +85,12 @@ def test_query_text_searches_a_zero_shot_gallery_like_a_brute_force_search(env, 
     for record, text, vec in zip(records, TEXTS, q):
         assert record["filename"] == text
         assert record["samples"] == [env.g0.ids[j] for j in brute_top(env.g0.vectors, vec, 4)]
+    named = tmp_path / "named.json"  # the same model named on the command line: the same results, no note
+    r = runner.invoke(cli_app, ["query", "--text", TEXTS[0], "--text", TEXTS[1], "--gallery", str(env.tmp / "g0.npy"),
+                                "--model", str(ZERO_SHOT), "--pretrained", "none", "--k", "4", "--out", str(named),
+                                "--device", "cpu"])
+    assert r.exit_code == 0 and "using the gallery's --model" not in r.output, r.output
+    assert json.loads(named.read_text()) == records
 
 
 def test_a_text_query_against_a_fine_tuned_gallery_is_refused_in_one_line(env):
